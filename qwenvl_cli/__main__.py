@@ -1,0 +1,3 @@
+from qwenvl_cli.cli import main
+
+main()
