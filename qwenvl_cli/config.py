@@ -1,0 +1,338 @@
+"""Frozen, validated configuration read from a checkpoint directory.
+
+Reads config.json in both styles the hub holds (the flat 4.x one with a partial `vision_config` and
+`rope_scaling`, and transformers-5's nested `text_config` / `vision_config` / `rope_parameters`),
+generation_config.json and preprocessor_config.json. Fields that older files omit are filled with the
+values the real Qwen2.5-VL checkpoints need (not transformers' class defaults).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from qwenvl_cli.errors import ConfigError
+
+# Token ids shared by every Qwen2.5-VL checkpoint.
+ENDOFTEXT_ID = 151643
+IM_START_ID = 151644
+IM_END_ID = 151645
+VISION_START_ID = 151652
+VISION_END_ID = 151653
+IMAGE_PAD_ID = 151655
+VIDEO_PAD_ID = 151656
+
+
+def _positive(owner: str, **values: int | float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ConfigError(f"{owner}: {name} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower (ViT with window attention + 2x2 patch merger). Defaults are the real checkpoints'."""
+
+    depth: int = 32
+    hidden_size: int = 1280
+    num_heads: int = 16
+    intermediate_size: int = 3420
+    out_hidden_size: int = 2048
+    hidden_act: str = "silu"
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112  # pixels of the resized image
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    tokens_per_second: float = 2  # temporal MRoPE positions per second of video
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _positive(
+            "vision_config",
+            depth=self.depth,
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            out_hidden_size=self.out_hidden_size,
+            patch_size=self.patch_size,
+            temporal_patch_size=self.temporal_patch_size,
+            spatial_merge_size=self.spatial_merge_size,
+            window_size=self.window_size,
+            tokens_per_second=self.tokens_per_second,
+        )
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"vision_config: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.head_dim % 4:
+            raise ConfigError(f"vision_config: head_dim {self.head_dim} must be a multiple of 4 for 2D rotary")
+        if self.window_size % (self.patch_size * self.spatial_merge_size):
+            raise ConfigError(
+                f"vision_config: window_size {self.window_size} is not a multiple of "
+                f"patch_size*spatial_merge_size = {self.patch_size * self.spatial_merge_size}"
+            )
+        bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ConfigError(f"vision_config: fullatt_block_indexes {bad} outside 0..{self.depth - 1}")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"vision_config: hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened input patch: C * t * p * p (1176 for the real models)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def merge_unit(self) -> int:
+        return self.spatial_merge_size**2
+
+    @property
+    def window_merged(self) -> int:
+        """Window side in merged tokens (4 for 112 px windows)."""
+        return self.window_size // self.spatial_merge_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The Qwen2 decoder with multimodal RoPE."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 2
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    mrope_section: tuple[int, ...] = (16, 24, 24)  # temporal, height, width frequencies
+    max_position_embeddings: int = 128000
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(
+            "text_config",
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            rope_theta=self.rope_theta,
+            max_position_embeddings=self.max_position_embeddings,
+        )
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"text_config: hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"text_config: num_attention_heads {self.num_attention_heads} is not divisible by "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if len(self.mrope_section) != 3 or sum(self.mrope_section) != self.head_dim // 2:
+            raise ConfigError(
+                f"text_config: mrope_section {list(self.mrope_section)} must be 3 numbers summing to "
+                f"head_dim // 2 = {self.head_dim // 2}"
+            )
+        if self.hidden_act != "silu":
+            raise ConfigError(f"text_config: hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    text: TextConfig
+    vision: VisionConfig
+    image_token_id: int = IMAGE_PAD_ID
+    video_token_id: int = VIDEO_PAD_ID
+    vision_start_token_id: int = VISION_START_ID
+    torch_dtype: str = "bfloat16"  # the dtype the weights were saved in
+
+    def __post_init__(self) -> None:
+        if self.vision.out_hidden_size != self.text.hidden_size:
+            raise ConfigError(
+                f"config.json: vision out_hidden_size {self.vision.out_hidden_size} != text hidden_size "
+                f"{self.text.hidden_size}"
+            )
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        """Parse either config.json style. Raises ConfigError on impossible values."""
+        model_type = raw.get("model_type", "qwen2_5_vl")
+        if model_type != "qwen2_5_vl":
+            raise ConfigError(f"config.json: model_type {model_type!r} is not qwen2_5_vl")
+        text_raw = dict(raw.get("text_config") or {})
+        # Flat 4.x style keeps the text fields at the top level; nested keeps them in text_config.
+        for key in (f.name for f in fields(TextConfig)):
+            if key not in text_raw and key in raw:
+                text_raw[key] = raw[key]
+        rope = text_raw.get("rope_parameters") or text_raw.get("rope_scaling") or raw.get("rope_parameters") or (
+            raw.get("rope_scaling") or {}
+        )
+        if "mrope_section" in rope:
+            text_raw["mrope_section"] = tuple(rope["mrope_section"])
+        if "rope_theta" in rope and "rope_theta" not in text_raw:
+            text_raw["rope_theta"] = rope["rope_theta"]
+        if "tie_word_embeddings" in raw:
+            text_raw["tie_word_embeddings"] = raw["tie_word_embeddings"]
+        text = _build(TextConfig, text_raw, "text_config")
+
+        vision_raw = dict(raw.get("vision_config") or {})
+        if "in_chans" in vision_raw and "in_channels" not in vision_raw:
+            vision_raw["in_channels"] = vision_raw["in_chans"]
+        if "embed_dim" in vision_raw and "hidden_size" not in vision_raw:
+            vision_raw["hidden_size"] = vision_raw["embed_dim"]
+        vision_raw.setdefault("out_hidden_size", text.hidden_size)
+        if "fullatt_block_indexes" in vision_raw:
+            vision_raw["fullatt_block_indexes"] = tuple(vision_raw["fullatt_block_indexes"])
+        vision = _build(VisionConfig, vision_raw, "vision_config")
+
+        top = {k: raw[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id") if k in raw}
+        dtype = raw.get("torch_dtype") or raw.get("dtype") or text_raw.get("torch_dtype") or "bfloat16"
+        return cls(text=text, vision=vision, torch_dtype=str(dtype), **top)
+
+    @classmethod
+    def from_file(cls, path: Path) -> ModelConfig:
+        return cls.from_dict(read_json(path))
+
+
+def _build(cls: type, raw: dict[str, Any], owner: str):
+    names = {f.name for f in fields(cls)}
+    kwargs = {k: v for k, v in raw.items() if k in names and v is not None}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # wrong value types, e.g. a string where a number belongs
+        raise ConfigError(f"{owner}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Sampling defaults, as transformers reads generation_config.json (its class defaults otherwise)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    eos_token_ids: tuple[int, ...] = (IM_END_ID, ENDOFTEXT_ID)
+    max_new_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.eos_token_ids:
+            raise ConfigError("generation_config: no eos_token_id")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> GenerationConfig:
+        eos = raw.get("eos_token_id", list(cls.eos_token_ids))
+        eos = tuple(eos) if isinstance(eos, list) else (eos,)
+        kwargs: dict[str, Any] = {"eos_token_ids": eos}
+        for key in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens"):
+            if raw.get(key) is not None:
+                kwargs[key] = raw[key]
+        return _build(cls, kwargs, "generation_config")
+
+    @classmethod
+    def from_dir(cls, path: Path) -> GenerationConfig:
+        file = path / "generation_config.json"
+        return cls.from_dict(read_json(file)) if file.is_file() else cls()
+
+
+@dataclass(frozen=True)
+class PreprocessorConfig:
+    """Image preprocessing constants (preprocessor_config.json)."""
+
+    min_pixels: int = 3136
+    max_pixels: int = 12845056
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    def __post_init__(self) -> None:
+        _positive(
+            "preprocessor_config",
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+            patch_size=self.patch_size,
+            temporal_patch_size=self.temporal_patch_size,
+            merge_size=self.merge_size,
+        )
+        if self.min_pixels > self.max_pixels:
+            raise ConfigError(f"min_pixels {self.min_pixels} is larger than max_pixels {self.max_pixels}")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+            raise ConfigError(f"image_mean/image_std must be 3 values (std > 0), got {self.image_mean}, {self.image_std}")
+
+    @property
+    def factor(self) -> int:
+        """Resized sides are multiples of this many pixels (28)."""
+        return self.patch_size * self.merge_size
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PreprocessorConfig:
+        kwargs: dict[str, Any] = {}
+        size = raw.get("size") or {}
+        if "shortest_edge" in size:  # transformers-5 style
+            kwargs["min_pixels"] = size["shortest_edge"]
+        if "longest_edge" in size:
+            kwargs["max_pixels"] = size["longest_edge"]
+        for key in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size"):
+            if raw.get(key) is not None:
+                kwargs[key] = raw[key]
+        for key in ("image_mean", "image_std"):
+            if raw.get(key) is not None:
+                kwargs[key] = tuple(raw[key])
+        return _build(cls, kwargs, "preprocessor_config")
+
+    @classmethod
+    def from_dir(cls, path: Path) -> PreprocessorConfig:
+        file = path / "preprocessor_config.json"
+        return cls.from_dict(read_json(file)) if file.is_file() else cls()
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+__all__ = [
+    "GenerationConfig",
+    "ModelConfig",
+    "PreprocessorConfig",
+    "TextConfig",
+    "VisionConfig",
+]
