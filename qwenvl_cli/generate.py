@@ -1,0 +1,214 @@
+"""Text generation: logits processing as transformers applies it, prefill and decode steps over a
+preallocated KV cache, stop rules. Yields steps; never prints.
+
+`reference_generate` recomputes the whole sequence every step without a cache: the oracle the cached
+generator is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+import torch
+
+from qwenvl_cli.config import GenerationConfig
+from qwenvl_cli.errors import PromptError
+from qwenvl_cli.model.qwen2_5_vl import Prompt, Qwen2_5_VL
+from qwenvl_cli.model.text import KVCache
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. Greedy when `do_sample` is off or temperature is 0 (top_k 0 disables top-k)."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    eos_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        GenerationConfig(  # one place validates the ranges
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            max_new_tokens=self.max_new_tokens,
+            eos_token_ids=self.eos_token_ids or (0,),
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+    @classmethod
+    def from_config(cls, gen: GenerationConfig, **overrides) -> SamplingParams:
+        """The checkpoint's generation_config.json, then explicit overrides (None = keep the default).
+        Giving a temperature > 0 turns sampling on; temperature 0 means greedy."""
+        base = cls(
+            max_new_tokens=gen.max_new_tokens,
+            do_sample=gen.do_sample,
+            temperature=gen.temperature,
+            top_p=gen.top_p,
+            top_k=gen.top_k,
+            repetition_penalty=gen.repetition_penalty,
+            eos_token_ids=gen.eos_token_ids,
+        )
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "temperature" in given and "do_sample" not in given:
+            given["do_sample"] = given["temperature"] > 0
+        return replace(base, **given)
+
+
+@dataclass(frozen=True)
+class Step:
+    token_id: int
+    finish_reason: str | None = None  # "stop" (an EOS id) or "length" on the last step
+
+
+# ---------------------------------------------------------------------------------------- logits
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' rule over every id in the sequence so far, prompt included: positive logits are
+    divided by the penalty, negative ones multiplied. logits # (B, V) float32, seen # (B, V) bool."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, in transformers' order. # (B, V)"""
+    if params.temperature != 1.0:
+        logits = logits / params.temperature
+    if params.top_k > 0:
+        k = min(params.top_k, logits.shape[-1])
+        kth = torch.topk(logits, k).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cumulative <= 1 - params.top_p
+        remove[..., -1:] = False  # always keep the most likely token
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return logits
+
+
+def choose(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> torch.Tensor:
+    """Next token ids # (B,) on the logits' device, without a host sync."""
+    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return logits.argmax(-1)
+    probs = warp(logits, params).softmax(-1)
+    return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+
+
+def _seen_mask(prompt: Prompt, vocab: int, device: torch.device) -> torch.Tensor:
+    seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
+    seen[0, prompt.input_ids[0].to(device)] = True
+    return seen
+
+
+def _rng(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    if params.greedy:
+        return None
+    rng = torch.Generator(device=device)
+    if params.seed is None:
+        rng.seed()
+    else:
+        rng.manual_seed(params.seed)
+    return rng
+
+
+def _check_length(model: Qwen2_5_VL, prompt: Prompt) -> None:
+    limit = model.config.text.max_position_embeddings
+    if prompt.length >= limit:
+        raise PromptError(f"the prompt has {prompt.length} tokens; the model's context is {limit}")
+
+# ---------------------------------------------------------------------------------------- engine
+
+
+class Generator:
+    """Cached generation for one model: prefill once, then one decode step per token."""
+
+    def __init__(self, model: Qwen2_5_VL) -> None:
+        self.model = model
+
+    @torch.inference_mode()
+    def prefill(self, prompt: Prompt, cache: KVCache) -> torch.Tensor:
+        """Run the prompt, fill cache[0:L), return the last position's logits # (1, V) float32."""
+        m = self.model
+        embeds = m.embed(prompt)
+        cos, sin = m.rope_tables(prompt.positions)
+        hidden = m.model(embeds, cos, sin, cache, 0)
+        return m.logits(hidden[:, -1])
+
+    @torch.inference_mode()
+    def decode_step(
+        self, token: torch.Tensor, index: int, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
+    ) -> torch.Tensor:
+        """token # (1, 1) long on device at sequence index `index`; cos/sin # (1, 1, hd). -> (1, V)."""
+        m = self.model
+        hidden = m.model(m.model.embed_tokens(token), cos, sin, cache, index)
+        return m.logits(hidden[:, -1])
+
+    @torch.inference_mode()
+    def stream(self, prompt: Prompt, params: SamplingParams) -> Iterator[Step]:
+        m = self.model
+        device = m.device
+        _check_length(m, prompt)
+        n_new = min(params.max_new_tokens, m.config.text.max_position_embeddings - prompt.length)
+        cache = KVCache.allocate(m.config.text, 1, prompt.length + n_new, device, m.dtype)
+        # Every decode position is known up front: text after the prompt, index + rope_delta on all axes.
+        decode_pos = torch.arange(prompt.length, prompt.length + n_new, device=device) + prompt.rope_delta
+        cos_all, sin_all = m.decode_tables(decode_pos)  # (1, n_new, hd)
+        seen = _seen_mask(prompt, m.config.text.vocab_size, device)
+        rng = _rng(params, device)
+        eos = set(params.eos_token_ids)
+
+        logits = self.prefill(prompt, cache)
+        for i in range(n_new):
+            token = choose(logits, seen, params, rng)  # (1,)
+            token_id = int(token.item())  # the one host sync per token: the caller streams it
+            if token_id in eos:
+                yield Step(token_id, "stop")
+                return
+            if i == n_new - 1:
+                yield Step(token_id, "length")
+                return
+            yield Step(token_id)
+            seen[0, token] = True
+            index = prompt.length + i
+            logits = self.decode_step(token[:, None], index, cos_all[:, i : i + 1], sin_all[:, i : i + 1], cache)
+
+
+@torch.inference_mode()
+def reference_generate(model: Qwen2_5_VL, prompt: Prompt, params: SamplingParams) -> list[Step]:
+    """The obvious, slow generator: the full sequence through the model at every step, no cache."""
+    device = model.device
+    ids = prompt.input_ids
+    positions = prompt.positions
+    seen = _seen_mask(prompt, model.config.text.vocab_size, device)
+    rng = _rng(params, device)
+    steps: list[Step] = []
+    for i in range(params.max_new_tokens):
+        current = Prompt(ids, positions, prompt.rope_delta, prompt.images, prompt.videos)
+        logits = model(current)[:, -1]
+        token = choose(logits, seen, params, rng)
+        token_id = int(token.item())
+        last = token_id in params.eos_token_ids or i == params.max_new_tokens - 1
+        reason = "stop" if token_id in params.eos_token_ids else "length" if last else None
+        steps.append(Step(token_id, reason))
+        if last:
+            return steps
+        seen[0, token] = True
+        next_pos = torch.full((3, 1, 1), ids.shape[1] + prompt.rope_delta, dtype=torch.long)
+        ids = torch.cat([ids, torch.tensor([[token_id]])], dim=1)
+        positions = torch.cat([positions, next_pos], dim=2)
+    return steps

@@ -1,0 +1,161 @@
+"""Qwen2.5-VL: token embeddings with vision features scattered at the pad tokens, the MRoPE decoder, and
+the LM head. Module names follow the hub checkpoint (`visual.*`, `model.*`, `lm_head`).
+
+The model holds weights only: the rope tables of a prompt, its cache and its position offset are the
+caller's (see generate.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from qwenvl_cli.config import ModelConfig
+from qwenvl_cli.errors import PromptError
+from qwenvl_cli.model.rope import (
+    Grid,
+    VisionLayout,
+    VisionSpan,
+    mrope_cos_sin,
+    rope_index,
+    text_cos_sin,
+    text_inv_freq,
+    vision_layout,
+)
+from qwenvl_cli.model.text import KVCache, TextModel
+from qwenvl_cli.model.vision import VisionTransformer
+
+
+@dataclass(frozen=True)
+class VisionInput:
+    """Preprocessed pixels of the images (or videos) of one prompt, in the order their pads appear."""
+
+    pixel_values: torch.Tensor  # (sum t*h*w, C*t*p*p) float32
+    grids: tuple[Grid, ...]
+    is_video: bool = False
+    second_per_grid_ts: tuple[float, ...] = ()  # videos: seconds per temporal patch, one per video
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A tokenised prompt with its vision inputs and its 3D positions."""
+
+    input_ids: torch.Tensor  # (1, L) long
+    positions: torch.Tensor  # (3, 1, L) long
+    rope_delta: int  # decode position = index in the sequence + rope_delta
+    images: VisionInput | None = None
+    videos: VisionInput | None = None
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+
+@lru_cache(maxsize=64)
+def _cached_layout(grids: tuple[Grid, ...], head_dim: int, merge: int, window_merged: int) -> VisionLayout:
+    return vision_layout(grids, head_dim, merge, window_merged)
+
+
+class Qwen2_5_VL(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.visual = VisionTransformer(config.vision)
+        self.model = TextModel(config.text)
+        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    # ------------------------------------------------------------------ prompt preparation (host side)
+
+    def make_prompt(
+        self, input_ids: Sequence[int], images: VisionInput | None = None, videos: VisionInput | None = None
+    ) -> Prompt:
+        """Positions for `input_ids` (pads already expanded), checking pad counts against the grids."""
+        cfg = self.config
+        merge = cfg.vision.spatial_merge_size
+        types = [1 if t == cfg.image_token_id else 2 if t == cfg.video_token_id else 0 for t in input_ids]
+        spans: list[VisionSpan] = []
+        for kind, vis, name in ((1, images, "image"), (2, videos, "video")):
+            grids = vis.grids if vis is not None else ()
+            expected = sum(t * h * w for t, h, w in grids) // merge**2
+            found = types.count(kind)
+            if found != expected:
+                raise PromptError(
+                    f"the prompt has {found} {name} pad tokens but the {len(grids)} {name}(s) give {expected} "
+                    f"vision tokens"
+                )
+        # Spans in sequence order: images and videos interleave as their pads appear.
+        image_iter = iter(images.grids if images else ())
+        video_iter = iter(zip(videos.grids, videos.second_per_grid_ts) if videos else ())
+        i = 0
+        while i < len(types):
+            if types[i] == 0:
+                i += 1
+                continue
+            if types[i] == 1:
+                grid = next(image_iter)
+                spans.append(VisionSpan(grid))
+            else:
+                grid, spg = next(video_iter)
+                spans.append(VisionSpan(grid, spg))
+            i += grid[0] * grid[1] * grid[2] // merge**2
+        positions, delta = rope_index(types, spans, merge, cfg.vision.tokens_per_second)
+        return Prompt(
+            input_ids=torch.tensor([list(input_ids)], dtype=torch.long),
+            positions=positions[:, None, :],
+            rope_delta=delta,
+            images=images,
+            videos=videos,
+        )
+
+    # ------------------------------------------------------------------ forward pieces (device side)
+
+    def vision_features(self, vis: VisionInput, attention: str = "batched") -> torch.Tensor:
+        """# (sum t*h*w / merge_unit, text hidden), in pad-token order."""
+        v = self.config.vision
+        layout = _cached_layout(tuple(vis.grids), v.head_dim, v.spatial_merge_size, v.window_merged)
+        layout = layout.to(self.device)
+        return self.visual(vis.pixel_values.to(self.device), layout, attention)
+
+    def embed(self, prompt: Prompt, attention: str = "batched") -> torch.Tensor:
+        """Token embeddings with vision features written at the pad positions. # (1, L, D)"""
+        ids = prompt.input_ids.to(self.device)
+        embeds = self.model.embed_tokens(ids)
+        for vis, token in ((prompt.images, self.config.image_token_id), (prompt.videos, self.config.video_token_id)):
+            if vis is None:
+                continue
+            feats = self.vision_features(vis, attention).to(embeds.dtype)
+            mask = ids == token
+            embeds = embeds.masked_scatter(mask[..., None], feats)
+        return embeds
+
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions # (3, B, L) -> cos, sin # (B, L, head_dim)."""
+        t = self.config.text
+        inv = text_inv_freq(t.head_dim, t.rope_theta)
+        return mrope_cos_sin(positions.to(self.device), inv, t.mrope_section, self.dtype)
+
+    def decode_tables(self, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position # (L,) on device, identical on all three axes (text after the prompt)."""
+        t = self.config.text
+        return text_cos_sin(position, text_inv_freq(t.head_dim, t.rope_theta), self.dtype)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def forward(self, prompt: Prompt, cache: KVCache | None = None, attention: str = "batched") -> torch.Tensor:
+        """Full-sequence logits of a prompt # (1, L, vocab) float32 (the prefill oracle and parity target)."""
+        embeds = self.embed(prompt, attention)
+        cos, sin = self.rope_tables(prompt.positions)
+        return self.logits(self.model(embeds, cos, sin, cache, 0))

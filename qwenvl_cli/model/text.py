@@ -1,0 +1,121 @@
+"""The Qwen2 decoder (GQA attention with q/k/v biases, RMSNorm, SwiGLU) over a preallocated KV cache.
+
+`forward` is pure apart from writing the caller's cache at the positions it is given: prefill writes
+[0, L), a decode step writes one slot. Without a cache it is the plain full-sequence model (the oracle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenvl_cli.config import TextConfig
+from qwenvl_cli.model.rope import rotate_half
+from qwenvl_cli.model.vision import RMSNorm, SwiGLU
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values for every layer. # (layers, B, kv_heads, max_len, head_dim)"""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def allocate(cls, cfg: TextConfig, batch: int, max_len: int, device, dtype) -> KVCache:
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        return cls(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x # (B, H, L, hd); cos/sin # (B, L, hd)."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, L, D)
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        layer: int,
+        start: int,
+    ) -> torch.Tensor:
+        b, length, _ = x.shape
+        q = self.q_proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, length, self.num_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, length, self.num_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            end = start + length
+            cache.k[layer, :, :, start:end] = k
+            cache.v[layer, :, :, start:end] = v
+            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+        elif start:
+            raise ValueError("a forward without cache must start at position 0")
+        # Queries are the last `length` positions of the keys: causal with that offset. A prefill from 0
+        # is plain causal; a single decode token sees everything.
+        if length == 1:
+            mask, causal = None, False
+        elif k.shape[2] == length:
+            mask, causal = None, True
+        else:
+            q_pos = torch.arange(k.shape[2] - length, k.shape[2], device=x.device)
+            mask, causal = q_pos[:, None] >= torch.arange(k.shape[2], device=x.device)[None], False
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.num_kv != self.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache, layer, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    """Named like the checkpoint's `model.*` (embed_tokens, layers.N, norm)."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self,
+        embeds: torch.Tensor,  # (B, L, D)
+        cos: torch.Tensor,  # (B, L, hd)
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:  # (B, L, D) final-normed hidden states
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i, start)
+        return self.norm(x)

@@ -1,0 +1,153 @@
+"""The Qwen2.5-VL vision tower: patch embedding, RMSNorm/SwiGLU blocks with 2D rotary window attention,
+and the 2x2 patch merger to the decoder width.
+
+Fast path: every window of a block (or every frame of a full-attention block) goes through ONE batched
+attention call over padded segments. Slow oracle: `attention="loop"` attends segment by segment, as
+the reference implementation does; tests hold the two equal.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenvl_cli.config import VisionConfig
+from qwenvl_cli.model.rope import Segments, VisionLayout, rotate_half
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PatchEmbed(nn.Module):
+    """Conv3d with kernel == stride == (t, p, p) on flattened patches is one matmul; keep the conv's
+    weight (its checkpoint name and shape) and run it as a linear layer."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        kernel = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel, stride=kernel, bias=False)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:  # (N, C*t*p*p) -> (N, D)
+        weight = self.proj.weight
+        return F.linear(patches.to(weight.dtype), weight.reshape(weight.shape[0], -1))
+
+
+def apply_vision_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x # (N, H, hd); cos/sin # (N, hd) float32. Rotation in float32, as the reference does."""
+    dtype = x.dtype
+    x = x.float()
+    out = x * cos[:, None] + rotate_half(x) * sin[:, None]
+    return out.to(dtype)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
+
+    def forward(
+        self, x: torch.Tensor, segments: Segments, cos: torch.Tensor, sin: torch.Tensor, loop: bool = False
+    ) -> torch.Tensor:  # x (N, D)
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each (N, H, hd)
+        q = apply_vision_rotary(q, cos, sin)
+        k = apply_vision_rotary(k, cos, sin)
+        out = _segment_attention_loop(q, k, v, segments) if loop else _segment_attention(q, k, v, segments)
+        return self.proj(out.reshape(n, -1))
+
+
+def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """All segments in one SDPA call: gather into (S, H, Lmax, hd) with a key-padding mask."""
+    n, h, d = q.shape
+    s, lmax = seg.gather.shape
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([x, x.new_zeros(1, h, d)])  # row N is the padding row
+        return x[seg.gather].permute(0, 2, 1, 3)  # (S, H, Lmax, hd)
+
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=seg.key_mask)
+    out = out.permute(0, 2, 1, 3).reshape(s * lmax, h, d)
+    return out[seg.scatter]  # (N, H, hd)
+
+
+def _segment_attention_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """Slow oracle: one attention call per segment, with explicit softmax."""
+    outs = []
+    scale = q.shape[-1] ** -0.5
+    for a, b in zip(seg.cu_seqlens[:-1], seg.cu_seqlens[1:]):
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))  # (H, L, hd)
+        w = torch.softmax((qs @ ks.transpose(1, 2)).float() * scale, dim=-1).to(vs.dtype)
+        outs.append((w @ vs).transpose(0, 1))
+    return torch.cat(outs)
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = VisionAttention(cfg)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=True)
+
+    def forward(self, x, segments, cos, sin, loop=False):
+        x = x + self.attn(self.norm1(x), segments, cos, sin, loop)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.hidden = cfg.hidden_size * cfg.merge_unit
+        self.ln_q = RMSNorm(cfg.hidden_size, 1e-6)
+        self.mlp = nn.Sequential(nn.Linear(self.hidden, self.hidden), nn.GELU(), nn.Linear(self.hidden, cfg.out_hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N / merge_unit, out)
+        return self.mlp(self.ln_q(x).view(-1, self.hidden))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        self.merger = PatchMerger(cfg)
+
+    def forward(self, patches: torch.Tensor, layout: VisionLayout, attention: str = "batched") -> torch.Tensor:
+        """patches # (N, C*t*p*p) in processor order -> merged features # (N / merge_unit, out_hidden),
+        in the processor's merged-token order (the order of the pad tokens)."""
+        unit = self.cfg.merge_unit
+        x = self.patch_embed(patches)
+        n = x.shape[0]
+        x = x.view(n // unit, unit, -1)[layout.window_index].reshape(n, -1)
+        loop = attention == "loop"
+        full = set(self.cfg.fullatt_block_indexes)
+        for i, block in enumerate(self.blocks):
+            segments = layout.frames if i in full else layout.windows
+            x = block(x, segments, layout.cos, layout.sin, loop)
+        return self.merger(x)[layout.reverse_index]
