@@ -218,6 +218,19 @@ def _build(cls: type, raw: dict[str, Any], owner: str):
         raise ConfigError(f"{owner}: {exc}") from None
 
 
+def check_sampling(temperature: float, top_p: float, top_k: int, repetition_penalty: float, max_new_tokens: int) -> None:
+    if temperature < 0:
+        raise ConfigError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ConfigError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if repetition_penalty <= 0:
+        raise ConfigError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """Sampling defaults, as transformers reads generation_config.json (its class defaults otherwise)."""
@@ -231,16 +244,7 @@ class GenerationConfig:
     max_new_tokens: int = 512
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        check_sampling(self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.max_new_tokens)
         if not self.eos_token_ids:
             raise ConfigError("generation_config: no eos_token_id")
 

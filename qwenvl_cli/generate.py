@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from qwenvl_cli.config import GenerationConfig
+from qwenvl_cli.config import GenerationConfig, check_sampling
 from qwenvl_cli.errors import PromptError
 from qwenvl_cli.model.qwen2_5_vl import Prompt, Qwen2_5_VL
 from qwenvl_cli.model.text import KVCache
@@ -20,7 +20,8 @@ from qwenvl_cli.model.text import KVCache
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. Greedy when `do_sample` is off or temperature is 0 (top_k 0 disables top-k)."""
+    """How to pick tokens. Greedy when `do_sample` is off or temperature is 0 (top_k 0 disables top-k);
+    no eos_token_ids means stop only at max_new_tokens."""
 
     max_new_tokens: int = 512
     do_sample: bool = False
@@ -32,15 +33,7 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        GenerationConfig(  # one place validates the ranges
-            do_sample=self.do_sample,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
-            max_new_tokens=self.max_new_tokens,
-            eos_token_ids=self.eos_token_ids or (0,),
-        )
+        check_sampling(self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.max_new_tokens)
 
     @property
     def greedy(self) -> bool:

@@ -64,15 +64,15 @@ def _bomb_message(label: str, exc: BaseException) -> str:
     return f"{label}: possible decompression bomb ({_one_line(exc)})"
 
 
-def load_image(path: str | Path | bytes) -> Image.Image:
+def load_image(path: str | Path | bytes, name: str | None = None) -> Image.Image:
     """Decode an image file (or its bytes) to RGB with EXIF orientation applied; animated images give
-    their first frame. Every failure is an InputError naming the file."""
+    their first frame. Every failure is an InputError naming the file (or `name`, e.g. "-" for stdin)."""
     if isinstance(path, bytes):
-        label, source = "<image bytes>", io.BytesIO(path)
+        label, source = name or "<image bytes>", io.BytesIO(path)
         if not path:
             raise InputError(f"{label}: empty (0 bytes)")
     else:
-        label, source = str(path), Path(path)
+        label, source = name or str(path), Path(path)
         if not source.exists():
             raise InputError(f"{label}: file not found")
         if source.is_dir():

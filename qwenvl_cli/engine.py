@@ -1,0 +1,146 @@
+"""A loaded model ready to answer: checkpoint + weights + tokenizer + preprocessing constants.
+
+Turns chat parts (text and preprocessed images) into a Prompt and streams an Answer. Tasks build on
+this; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from qwenvl_cli.errors import UsageError
+from qwenvl_cli.generate import Generator, SamplingParams, Step
+from qwenvl_cli.hub import resolve_model
+from qwenvl_cli.media.image import ProcessedImage
+from qwenvl_cli.model.loader import Checkpoint, load_model, open_checkpoint, resolve_dtype
+from qwenvl_cli.model.qwen2_5_vl import Prompt, Qwen2_5_VL, VisionInput
+from qwenvl_cli.prompts import DEFAULT_SYSTEM, ImagePart, TextPart, build_chat_ids
+from qwenvl_cli.tokenizer import StreamDecoder, Tokenizer
+
+Part = str | ProcessedImage
+
+
+@dataclass
+class Timings:
+    """Seconds spent per phase of one answer (for --verbose)."""
+
+    prefill: float = 0.0
+    decode: float = 0.0
+    decode_tokens: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode if self.decode > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length"
+    model: str
+    timings: Timings = field(default_factory=Timings, compare=False)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"--device {device}: choose auto, cpu or cuda")
+    return torch.device(device)
+
+
+class Engine:
+    def __init__(self, name: str, ckpt: Checkpoint, model: Qwen2_5_VL, tokenizer: Tokenizer) -> None:
+        self.name = name
+        self.ckpt = ckpt
+        self.model = model
+        self.tokenizer = tokenizer
+        self.generator = Generator(model)
+
+    @classmethod
+    def load(cls, model_ref: str, device: str = "auto", dtype: str = "auto") -> Engine:
+        dev = pick_device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
+        path = resolve_model(model_ref)
+        ckpt = open_checkpoint(path)
+        tokenizer = Tokenizer.from_dir(path)
+        model = load_model(ckpt, dev, torch_dtype)
+        return cls(model_ref, ckpt, model, tokenizer)
+
+    @property
+    def preprocessor(self):
+        return self.ckpt.preprocessor
+
+    def sampling(self, **overrides) -> SamplingParams:
+        return SamplingParams.from_config(self.ckpt.generation, **overrides)
+
+    def prompt(self, parts: Sequence[Part], system: str | None = DEFAULT_SYSTEM) -> Prompt:
+        chat = []
+        images = []
+        for part in parts:
+            if isinstance(part, str):
+                chat.append(TextPart(part))
+            else:
+                chat.append(ImagePart(part.grid_thw))
+                images.append(part)
+        merge = self.ckpt.config.vision.spatial_merge_size
+        ids = build_chat_ids(self.tokenizer, chat, system=system, merge_size=merge)
+        vision = None
+        if images:
+            vision = VisionInput(
+                pixel_values=torch.cat([im.pixel_values for im in images]),
+                grids=tuple(tuple(im.grid_thw) for im in images),
+            )
+        return self.model.make_prompt(ids, images=vision)
+
+    def answer(self, prompt: Prompt, params: SamplingParams, on_text: Callable[[str], None] | None = None) -> Answer:
+        """Generate to the end, calling `on_text` with each complete piece of text as it appears."""
+        decoder = StreamDecoder(self.tokenizer)
+        pieces: list[str] = []
+        timings = Timings()
+        start = time.perf_counter()
+        steps: Iterator[Step] = self.generator.stream(prompt, params)
+        count = 0
+        reason = "length"
+        for step in steps:
+            if count == 0:
+                timings.prefill = time.perf_counter() - start
+                start = time.perf_counter()
+            count += 1
+            piece = decoder.push(step.token_id)
+            if piece:
+                pieces.append(piece)
+                if on_text:
+                    on_text(piece)
+            if step.finish_reason:
+                reason = step.finish_reason
+        tail = decoder.flush()
+        if tail:
+            pieces.append(tail)
+            if on_text:
+                on_text(tail)
+        timings.decode = time.perf_counter() - start
+        timings.decode_tokens = max(count - 1, 0)
+        return Answer(
+            text="".join(pieces),
+            prompt_tokens=prompt.length,
+            completion_tokens=count,
+            finish_reason=reason,
+            model=self.name,
+            timings=timings,
+        )
+
+
+def model_label(ref: str) -> str:
+    """How a model is named in JSON output: the hub id, or the directory's name."""
+    path = Path(ref)
+    return path.name if path.is_dir() else ref
