@@ -7,6 +7,7 @@ stderr and honours HF_HUB_OFFLINE; without network or cache the error says what 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from qwenvl_cli.errors import ModelError
@@ -41,6 +42,37 @@ def resolve_model(ref: str) -> Path:
     if _looks_like_path(ref):
         raise ModelError(f"{ref}: model directory not found")
     return _download(ref)
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    repo_id: str
+    size_bytes: int
+    path: Path | None  # the newest snapshot directory
+
+
+def cached_models() -> dict[str, CachedModel]:
+    """Qwen2.5-VL repositories present in the local Hugging Face cache."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        info = scan_cache_dir()
+    except CacheNotFound:
+        return {}
+    found = {}
+    for repo in info.repos:
+        if repo.repo_type != "model":
+            continue
+        revisions = sorted(repo.revisions, key=lambda r: r.last_modified)
+        path = Path(revisions[-1].snapshot_path) if revisions else None
+        found[repo.repo_id] = CachedModel(repo.repo_id, repo.size_on_disk, path)
+    return found
+
+
+def download(repo_id: str) -> Path:
+    """Fetch (or finish fetching: downloads resume) a hub model; progress goes to stderr."""
+    return _download(repo_id)
 
 
 def _download(repo_id: str) -> Path:
