@@ -1,0 +1,164 @@
+"""`qwenvl describe` as a user runs it: stdout carries only answers, stderr one line per problem,
+exit codes 0 / 1 / 2, JSON lines that parse, batches that survive a bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from qwenvl_cli.cli import app
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+SHAPES = str(SAMPLES / "shapes.png")
+RECEIPT = str(SAMPLES / "receipt.png")
+
+
+@pytest.fixture(scope="module")
+def model_dir(make_ckpt):
+    return str(make_ckpt(max_pixels=64 * 28 * 28))
+
+
+def run(*args: str, stdin: bytes | None = None, env: dict | None = None):
+    return CliRunner().invoke(app, list(args), input=stdin, env=env)
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_describe_json_fields(model_dir):
+    r = run("describe", SHAPES, "--model", model_dir, "--json", "--max-new-tokens", "6")
+    assert r.exit_code == 0, r.stderr
+    [record] = json_lines(r.stdout)
+    assert record["file"] == SHAPES
+    assert record["finish_reason"] in ("stop", "length")
+    assert 1 <= record["completion_tokens"] <= 6
+    assert record["prompt_tokens"] > 64  # the image's vision tokens are in the prompt
+    assert record["model"] == Path(model_dir).name
+    assert isinstance(record["text"], str)
+    assert r.stderr == ""
+
+
+def test_text_mode_streams_the_same_answer_as_json(model_dir):
+    common = ("describe", SHAPES, "--model", model_dir, "--max-new-tokens", "12", "--temperature", "0")
+    text = run(*common)
+    record = json_lines(run(*common, "--json").stdout)[0]
+    assert text.exit_code == 0
+    assert text.stdout == record["text"] + ("\n" if record["text"] and not record["text"].endswith("\n") else "")
+
+
+def test_batch_continues_after_a_bad_input(model_dir, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is not an image")
+    r = run("describe", SHAPES, str(bad), RECEIPT, "--model", model_dir, "--json", "--max-new-tokens", "3")
+    assert r.exit_code == 1
+    records = json_lines(r.stdout)
+    assert [rec["file"] for rec in records] == [SHAPES, str(bad), RECEIPT]
+    assert "error" in records[1] and "text" in records[0] and "text" in records[2]
+    [line] = r.stderr.splitlines()
+    assert str(bad) in line and "not an image" in line
+    assert "Traceback" not in r.stderr
+
+
+def test_text_batch_has_headers(model_dir):
+    r = run("describe", SHAPES, RECEIPT, "--model", model_dir, "--max-new-tokens", "3")
+    assert r.exit_code == 0
+    assert r.stdout.startswith(f"==> {SHAPES} <==\n")
+    assert f"\n==> {RECEIPT} <==\n" in r.stdout
+
+
+def test_together_gives_one_answer_for_all_images(model_dir):
+    r = run("describe", SHAPES, RECEIPT, "--together", "--model", model_dir, "--json", "--max-new-tokens", "3")
+    assert r.exit_code == 0, r.stderr
+    [record] = json_lines(r.stdout)
+    assert record["file"] == [SHAPES, RECEIPT]
+    alone = json_lines(run("describe", SHAPES, "--model", model_dir, "--json", "--max-new-tokens", "1").stdout)[0]
+    assert record["prompt_tokens"] > alone["prompt_tokens"] + 40  # the second image's vision tokens
+
+
+def test_stdin_list_of_paths_and_stdin_bytes(model_dir):
+    r = run("describe", "-", "--model", model_dir, "--json", "--max-new-tokens", "2",
+            stdin=f"{SHAPES}\n{RECEIPT}\n".encode())
+    assert [rec["file"] for rec in json_lines(r.stdout)] == [SHAPES, RECEIPT]
+    r = run("describe", "-", "--model", model_dir, "--json", "--max-new-tokens", "2",
+            stdin=Path(SHAPES).read_bytes())
+    assert r.exit_code == 0, r.stderr
+    assert json_lines(r.stdout)[0]["file"] == "-"
+
+
+def test_missing_file_is_one_line_exit_1(model_dir):
+    r = run("describe", "nope.jpg", "--model", model_dir)
+    assert r.exit_code == 1
+    assert r.stdout == ""
+    assert r.stderr.strip().splitlines() == ["qwenvl: nope.jpg: file not found"]
+
+
+def test_bad_model_dir(tmp_path):
+    r = run("describe", SHAPES, "--model", str(tmp_path))
+    assert r.exit_code == 1
+    assert r.stderr.strip().splitlines() == [f"qwenvl: {tmp_path}: no config.json (not a Qwen2.5-VL checkpoint directory)"]
+
+
+def test_offline_hub_id_says_what_to_do(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "QWENVL_MODEL": ""}
+    r = run("describe", SHAPES, "--model", "Qwen/Qwen2.5-VL-3B-Instruct", env=env)
+    assert r.exit_code == 1
+    [line] = r.stderr.strip().splitlines()
+    assert "Qwen/Qwen2.5-VL-3B-Instruct" in line and "--model DIR" in line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--device", "tpu"), ("--dtype", "float8"), ("--temperature", "-1"), ("--max-new-tokens", "0")],
+)
+def test_bad_option_values_are_usage_errors(args):
+    r = run("describe", SHAPES, *args)
+    assert r.exit_code == 2
+    assert "Traceback" not in r.stderr
+
+
+def test_min_pixels_above_max_pixels_is_a_usage_error(model_dir):
+    r = run("describe", SHAPES, "--model", model_dir, "--min-pixels", "5000", "--max-pixels", "4000")
+    assert r.exit_code == 2
+    assert "5000" in r.stderr and "4000" in r.stderr
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "from qwenvl_cli.cli import main\n"
+        "sys.argv = ['qwenvl', 'describe', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "assert 'transformers' not in sys.modules\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "--together" in r.stdout and "Examples" in r.stdout
+
+
+def test_product_never_imports_transformers(model_dir):
+    code = (
+        "import sys\n"
+        "from qwenvl_cli.cli import main\n"
+        f"sys.argv = ['qwenvl', 'describe', {SHAPES!r}, '--model', {model_dir!r}, '--max-new-tokens', '2']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "assert 'transformers' not in sys.modules and 'torchvision' not in sys.modules\n"
+    )
+    env = {**os.environ, "QWENVL_DEBUG": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+
+
+def test_debug_env_shows_traceback():
+    r = subprocess.run(
+        [sys.executable, "-m", "qwenvl_cli", "describe", SHAPES, "--model", "/nonexistent/dir"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "QWENVL_DEBUG": "1"},
+    )
+    assert r.returncode != 0 and "Traceback" in r.stderr
