@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from enum import Enum
 from typing import Iterator, Optional
 
@@ -51,6 +52,22 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """Understand images with Qwen2.5-VL, locally, from the shell."""
+
+
+def _ignore(_: str) -> None:
+    pass
+
+
+def _progress(quiet: bool, message: str):
+    """A spinner on stderr while something slow happens, only when stderr is a terminal."""
+    if quiet or not sys.stderr.isatty():
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+        return nullcontext()
+    from rich.console import Console
+
+    return Console(stderr=True).status(message)
 
 
 @contextmanager
@@ -100,7 +117,12 @@ def describe(
     min_pixels: Optional[int] = typer.Option(None, "--min-pixels", min=1, help="Smallest resized image area."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="Largest resized image area."),
     together: bool = typer.Option(False, "--together", help="All images in one prompt, one answer."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Read the image files inside directories."),
+    output_dir: Optional[str] = typer.Option(
+        None, "--output-dir", "-o", help="Write one file per answer here (NAME.txt, or NAME.json with --json)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Timings and token counts on stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display on stderr (errors still show)."),
 ) -> None:
     """Describe images, or answer --prompt about them. Text streams to stdout as it is generated."""
     with _reported_errors():
@@ -108,15 +130,16 @@ def describe(
         from qwenvl_cli.errors import UsageError
         from qwenvl_cli.hub import model_reference
         from qwenvl_cli.inputs import expand_inputs
-        from qwenvl_cli.output import Printer, warn
+        from qwenvl_cli.output import FileWriter, Printer, warn
         from qwenvl_cli.tasks.describe import DescribeRequest, run_describe
 
         if min_pixels and max_pixels and min_pixels > max_pixels:
             raise UsageError(f"--min-pixels {min_pixels} is larger than --max-pixels {max_pixels}")
-        items = expand_inputs(images, sys.stdin.buffer if "-" in images else None)
+        items = expand_inputs(images, sys.stdin.buffer if "-" in images else None, recursive)
         ref = model_reference(model)
         t0 = time.perf_counter()
-        engine = Engine.load(ref, device, dtype)
+        with _progress(quiet, f"Loading {ref}"):
+            engine = Engine.load(ref, device, dtype)
         if verbose:
             warn(f"loaded {ref} on {engine.model.device} ({engine.model.dtype}) in {time.perf_counter() - t0:.1f}s")
         params = engine.sampling(
@@ -128,10 +151,13 @@ def describe(
             seed=seed,
         )
         req = DescribeRequest(prompt, system, params, min_pixels, max_pixels, together)
-        printer = Printer(json_out, multi=len(items) > 1 and not together)
+        writer = FileWriter(Path(output_dir), json_out) if output_dir else None
+        # With --output-dir, answers go to files: stdout lists the files, errors stay on stderr only.
+        printer = Printer(json_out and writer is None, multi=len(items) > 1 and not together)
+        on_start, on_text = (printer.start, printer.piece) if writer is None else (_ignore, _ignore)
         label = model_label(ref)
         failures = 0
-        for outcome in run_describe(engine, items, req, printer.start, printer.piece):
+        for outcome in run_describe(engine, items, req, on_start, on_text):
             if outcome.error is not None:
                 failures += 1
                 printer.failed(outcome.names[0], outcome.error)
@@ -145,7 +171,10 @@ def describe(
                 "finish_reason": answer.finish_reason,
                 "model": label,
             }
-            printer.done(record)
+            if writer is None:
+                printer.done(record)
+            else:
+                writer.write(outcome.names[0], record)
             if verbose:
                 t = answer.timings
                 warn(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any, TextIO
 
 
@@ -57,3 +58,34 @@ class Printer:
         if self.json_mode:
             self.out.write(json.dumps({"file": name, "error": message}, ensure_ascii=False) + "\n")
             self.out.flush()
+
+
+class FileWriter:
+    """--output-dir: one result file per input, named after the input's file name plus .txt or .json
+    (`cat.jpg` -> `cat.jpg.txt`); a repeated name in one run gets -2, -3 ... before the suffix. The path of
+    each file written is printed on stdout."""
+
+    def __init__(self, directory: Path, json_mode: bool, out: TextIO | None = None) -> None:
+        self.directory = directory
+        self.json_mode = json_mode
+        self.out = out or sys.stdout
+        self.used: set[str] = set()
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, name: str) -> Path:
+        base = "stdin" if name == "-" else Path(name).name
+        suffix = ".json" if self.json_mode else ".txt"
+        candidate, n = base + suffix, 1
+        while candidate in self.used:
+            n += 1
+            candidate = f"{base}-{n}{suffix}"
+        self.used.add(candidate)
+        return self.directory / candidate
+
+    def write(self, name: str, record: dict[str, Any]) -> Path:
+        path = self.path_for(name)
+        body = json.dumps(record, ensure_ascii=False, indent=2) if self.json_mode else record["text"]
+        path.write_text(body + "\n", encoding="utf-8")
+        self.out.write(f"{path}\n")
+        self.out.flush()
+        return path

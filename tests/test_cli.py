@@ -162,3 +162,43 @@ def test_debug_env_shows_traceback():
         capture_output=True, text=True, timeout=60, env={**os.environ, "QWENVL_DEBUG": "1"},
     )
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_directories_need_recursive_and_then_give_sorted_images(model_dir, tmp_path):
+    folder = tmp_path / "pics"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("b.png", "sub/a.png"):
+        (folder / name).write_bytes(Path(SHAPES).read_bytes())
+    (folder / "notes.txt").write_text("not an image, skipped by suffix")
+    r = run("describe", str(folder), "--model", model_dir, "--json", "--max-new-tokens", "1")
+    assert r.exit_code == 1
+    assert "is a directory (add --recursive" in r.stderr
+    r = run("describe", str(folder), "-r", "--model", model_dir, "--json", "--max-new-tokens", "1")
+    assert r.exit_code == 0, r.stderr
+    assert [rec["file"] for rec in json_lines(r.stdout)] == [str(folder / "b.png"), str(folder / "sub" / "a.png")]
+
+
+def test_output_dir_writes_one_predictably_named_file_per_input(model_dir, tmp_path):
+    out = tmp_path / "out"
+    other = tmp_path / "other"
+    other.mkdir()
+    same_name = other / "shapes.png"
+    same_name.write_bytes(Path(SHAPES).read_bytes())
+    r = run("describe", SHAPES, str(same_name), RECEIPT, "--model", model_dir, "--max-new-tokens", "4",
+            "--output-dir", str(out))
+    assert r.exit_code == 0, r.stderr
+    names = ["shapes.png.txt", "shapes.png-2.txt", "receipt.png.txt"]
+    assert r.stdout.splitlines() == [str(out / n) for n in names]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    r = run("describe", RECEIPT, "--model", model_dir, "--max-new-tokens", "4", "--json", "--output-dir", str(out))
+    record = json.loads((out / "receipt.png.json").read_text())
+    assert record["file"] == RECEIPT and record["completion_tokens"] >= 1
+
+
+def test_no_progress_or_logs_on_stderr_when_not_a_terminal(model_dir):
+    r = run("describe", SHAPES, "--model", model_dir, "--max-new-tokens", "2")
+    assert r.exit_code == 0 and r.stderr == ""
+    r = run("describe", SHAPES, "--model", model_dir, "--max-new-tokens", "2", "--verbose")
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("qwenvl: loaded ") and "tok/s" in lines[1]
+    assert "tok/s" not in r.stdout
