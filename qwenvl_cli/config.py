@@ -179,9 +179,8 @@ class ModelConfig:
         for key in (f.name for f in fields(TextConfig)):
             if key not in text_raw and key in raw:
                 text_raw[key] = raw[key]
-        rope = text_raw.get("rope_parameters") or text_raw.get("rope_scaling") or raw.get("rope_parameters") or (
-            raw.get("rope_scaling") or {}
-        )
+        # mrope_section lives in rope_scaling (4.x) or rope_parameters (5.x), nested or at the top level.
+        rope = next((d[k] for d in (text_raw, raw) for k in ("rope_parameters", "rope_scaling") if d.get(k)), {})
         if "mrope_section" in rope:
             text_raw["mrope_section"] = tuple(rope["mrope_section"])
         if "rope_theta" in rope and "rope_theta" not in text_raw:

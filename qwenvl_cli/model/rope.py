@@ -168,7 +168,7 @@ def mrope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, section: Sequ
     Frequency band i takes its angle from axis i % 3 (t, h, w) of the position, band widths `section`.
     """
     freqs = positions[..., None].float() * inv_freq.to(positions.device)  # (3, B, L, head_dim/2)
-    chunks = freqs.split(list(section) * (freqs.shape[-1] // sum(section)), dim=-1)
+    chunks = freqs.split(list(section), dim=-1)
     freqs = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)  # (B, L, head_dim/2)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
