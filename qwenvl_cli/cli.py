@@ -99,7 +99,7 @@ def _reported_errors() -> Iterator[None]:
     )
 )
 def describe(
-    images: list[str] = typer.Argument(..., help="Image files, globs, or - to read paths (or one image) from stdin."),
+    images: list[str] = typer.Argument(..., metavar="IMAGE", help="Image files, globs, or - to read paths (or one image) from stdin."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What to ask (default: describe the image)."),
     system: str = typer.Option("You are a helpful assistant.", "--system", help="System prompt."),
     model: Optional[str] = typer.Option(
