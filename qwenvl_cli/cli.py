@@ -80,6 +80,10 @@ def _reported_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         sys.stdout.flush()
         raise typer.Exit(130) from None
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141) from None
     except Exception as exc:  # noqa: BLE001
         from qwenvl_cli.output import warn
 
@@ -111,7 +115,7 @@ def describe(
     top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help="Sample among the K most likely (0 = off)."),
     repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", min=0.01, help="1.0 = off."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**63 - 1, help="Seed for reproducible sampling."),
     device: Device = typer.Option(Device.auto, "--device", help="Where to run."),
     dtype: DType = typer.Option(DType.auto, "--dtype", help="Weights dtype (auto: bf16 on GPU, fp32 on CPU)."),
     min_pixels: Optional[int] = typer.Option(None, "--min-pixels", min=1, help="Smallest resized image area."),
@@ -135,6 +139,8 @@ def describe(
 
         if min_pixels and max_pixels and min_pixels > max_pixels:
             raise UsageError(f"--min-pixels {min_pixels} is larger than --max-pixels {max_pixels}")
+        if top_p is not None and top_p <= 0:
+            raise UsageError(f"--top-p must be above 0 (got {top_p}); use --temperature 0 for greedy decoding")
         items = expand_inputs(images, sys.stdin.buffer if "-" in images else None, recursive)
         ref = model_reference(model)
         t0 = time.perf_counter()
@@ -142,6 +148,14 @@ def describe(
             engine = Engine.load(ref, device, dtype)
         if verbose:
             warn(f"loaded {ref} on {engine.model.device} ({engine.model.dtype}) in {time.perf_counter() - t0:.1f}s")
+        pre = engine.preprocessor
+        lo, hi = min_pixels or pre.min_pixels, max_pixels or pre.max_pixels
+        if lo > hi:
+            raise UsageError(f"pixel bounds are impossible: min {lo} > max {hi} (see --min-pixels/--max-pixels)")
+        if temperature and top_k is None and top_p is None:
+            # The hub checkpoints default to top_k 1 / top_p 0.001, which would make any temperature greedy:
+            # asking for a temperature means asking for sampling, so open the filters unless given.
+            top_k, top_p = 0, 1.0
         params = engine.sampling(
             max_new_tokens=max_new_tokens,
             temperature=temperature,

@@ -162,6 +162,11 @@ class ModelConfig:
     torch_dtype: str = "bfloat16"  # the dtype the weights were saved in
 
     def __post_init__(self) -> None:
+        if (self.image_token_id, self.video_token_id) != (IMAGE_PAD_ID, VIDEO_PAD_ID):
+            raise ConfigError(
+                f"config.json: image/video token ids {self.image_token_id}/{self.video_token_id} differ from "
+                f"Qwen2.5-VL's {IMAGE_PAD_ID}/{VIDEO_PAD_ID}"
+            )
         if self.vision.out_hidden_size != self.text.hidden_size:
             raise ConfigError(
                 f"config.json: vision out_hidden_size {self.vision.out_hidden_size} != text hidden_size "
@@ -174,6 +179,9 @@ class ModelConfig:
         model_type = raw.get("model_type", "qwen2_5_vl")
         if model_type != "qwen2_5_vl":
             raise ConfigError(f"config.json: model_type {model_type!r} is not qwen2_5_vl")
+        for key in ("text_config", "vision_config", "rope_scaling", "rope_parameters"):
+            if raw.get(key) is not None and not isinstance(raw[key], dict):
+                raise ConfigError(f"config.json: {key} must be an object, got {raw[key]!r}")
         text_raw = dict(raw.get("text_config") or {})
         # Flat 4.x style keeps the text fields at the top level; nested keeps them in text_config.
         for key in (f.name for f in fields(TextConfig)):
@@ -181,6 +189,8 @@ class ModelConfig:
                 text_raw[key] = raw[key]
         # mrope_section lives in rope_scaling (4.x) or rope_parameters (5.x), nested or at the top level.
         rope = next((d[k] for d in (text_raw, raw) for k in ("rope_parameters", "rope_scaling") if d.get(k)), {})
+        if not isinstance(rope, dict):
+            raise ConfigError(f"config.json: rope_scaling / rope_parameters must be an object, got {rope!r}")
         if "mrope_section" in rope:
             text_raw["mrope_section"] = tuple(rope["mrope_section"])
         if "rope_theta" in rope and "rope_theta" not in text_raw:
@@ -209,11 +219,34 @@ class ModelConfig:
 
 
 def _build(cls: type, raw: dict[str, Any], owner: str):
-    names = {f.name for f in fields(cls)}
-    kwargs = {k: v for k, v in raw.items() if k in names and v is not None}
+    """Construct `cls` from the known keys of `raw`, checking each value against its default's type."""
+    kwargs = {}
+    for f in fields(cls):
+        value = raw.get(f.name)
+        if value is None:
+            continue
+        default = f.default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, tuple):
+            ok = isinstance(value, (list, tuple)) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+            )
+            value = tuple(value) if ok else value
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        else:
+            ok = True
+        if not ok:
+            raise ConfigError(f"{owner}: {f.name} has the wrong type ({value!r})")
+        kwargs[f.name] = value
     try:
         return cls(**kwargs)
-    except TypeError as exc:  # wrong value types, e.g. a string where a number belongs
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"{owner}: {exc}") from None
 
 

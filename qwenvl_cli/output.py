@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from qwenvl_cli.errors import UsageError
+
 
 def warn(message: str, err: TextIO | None = None) -> None:
     """One diagnostic line on stderr."""
@@ -70,7 +72,10 @@ class FileWriter:
         self.json_mode = json_mode
         self.out = out or sys.stdout
         self.used: set[str] = set()
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--output-dir {directory}: cannot create the directory ({exc.strerror})") from None
 
     def path_for(self, name: str) -> Path:
         base = "stdin" if name == "-" else Path(name).name
@@ -85,7 +90,10 @@ class FileWriter:
     def write(self, name: str, record: dict[str, Any]) -> Path:
         path = self.path_for(name)
         body = json.dumps(record, ensure_ascii=False, indent=2) if self.json_mode else record["text"]
-        path.write_text(body + "\n", encoding="utf-8")
+        try:
+            path.write_text(body + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot write ({exc.strerror})") from None
         self.out.write(f"{path}\n")
         self.out.flush()
         return path

@@ -202,3 +202,37 @@ def test_no_progress_or_logs_on_stderr_when_not_a_terminal(model_dir):
     lines = r.stderr.splitlines()
     assert lines[0].startswith("qwenvl: loaded ") and "tok/s" in lines[1]
     assert "tok/s" not in r.stdout
+
+
+def test_review_regressions(model_dir, tmp_path):
+    # An extreme aspect ratio names the file.
+    from PIL import Image
+
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (3000, 10)).save(wide)
+    r = run("describe", str(wide), "--model", model_dir)
+    assert r.exit_code == 1 and r.stderr.startswith(f"qwenvl: {wide}: ") and "aspect ratio" in r.stderr
+    # Impossible pixel bounds against the checkpoint's defaults: one usage error, not one per file.
+    r = run("describe", SHAPES, RECEIPT, "--model", model_dir, "--max-pixels", "100")
+    assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1
+    # --top-p 0 and an out-of-range seed are usage errors.
+    assert run("describe", SHAPES, "--top-p", "0").exit_code == 2
+    assert run("describe", SHAPES, "--seed", str(2**70)).exit_code == 2
+    # --output-dir that is a file: one line, exit 2.
+    r = run("describe", SHAPES, "--model", model_dir, "-o", SHAPES)
+    assert r.exit_code == 2 and "cannot create" in r.stderr
+
+
+def test_temperature_alone_samples_despite_hub_top_k_1(model_dir):
+    outs = {
+        json_lines(run("describe", SHAPES, "--model", model_dir, "--json", "--max-new-tokens", "8",
+                       "--temperature", "1.5", "--seed", str(seed)).stdout)[0]["text"]
+        for seed in (1, 2, 3)
+    }
+    assert len(outs) > 1
+
+
+def test_broken_pipe_is_quiet(model_dir):
+    cmd = f"{sys.executable} -m qwenvl_cli describe {SHAPES} {SHAPES} {SHAPES} --model {model_dir} --max-new-tokens 40 | head -c 1"
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr

@@ -161,3 +161,31 @@ def test_generation_and_preprocessor_configs():
     assert (pre.min_pixels, pre.max_pixels, pre.factor) == (100, 2000, 28)
     with pytest.raises(ConfigError, match="min_pixels 5000 is larger than max_pixels 4000"):
         PreprocessorConfig(min_pixels=5000, max_pixels=4000)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.update(rope_scaling=5), "rope_scaling must be an object"),
+        (lambda c: c.update(vision_config=[1]), "vision_config must be an object"),
+        (lambda c: c.update(num_hidden_layers=2.5), "num_hidden_layers has the wrong type"),
+        (lambda c: c.update(rms_norm_eps="x"), "rms_norm_eps has the wrong type"),
+        (lambda c: c.update(image_token_id=5), "image/video token ids"),
+    ],
+)
+def test_malformed_config_values_are_config_errors(make_ckpt, tmp_path, edit, message):
+    path = _copy(make_ckpt(), tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    edit(config)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=message):
+        open_checkpoint(path)
+
+
+def test_preprocessor_must_agree_with_the_vision_tower(make_ckpt, tmp_path):
+    path = _copy(make_ckpt(), tmp_path)
+    pre = json.loads((path / "preprocessor_config.json").read_text())
+    pre["merge_size"] = 1
+    (path / "preprocessor_config.json").write_text(json.dumps(pre))
+    with pytest.raises(ModelError, match="do not match the vision config"):
+        open_checkpoint(path)

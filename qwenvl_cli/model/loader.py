@@ -55,7 +55,10 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelError(f"{index}: no weight_map")
-        files = tuple(path / name for name in sorted(set(weight_map.values())))
+        names = set(weight_map.values())
+        if not all(isinstance(n, str) and n and "/" not in n and "\\" not in n and n != ".." for n in names):
+            raise ModelError(f"{index}: weight_map must name shard files inside the checkpoint directory")
+        files = tuple(path / name for name in sorted(names))
     elif (path / "model.safetensors").is_file():
         files = (path / "model.safetensors",)
     else:
@@ -67,11 +70,20 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise ModelError(f"{path}: missing weight shard(s) {', '.join(missing)}")
+    preprocessor = PreprocessorConfig.from_dir(path)
+    v = config.vision
+    ours = (preprocessor.patch_size, preprocessor.merge_size, preprocessor.temporal_patch_size)
+    theirs = (v.patch_size, v.spatial_merge_size, v.temporal_patch_size)
+    if ours != theirs:
+        raise ModelError(
+            f"{path}: preprocessor_config.json patch/merge/temporal sizes {ours} do not match the vision "
+            f"config's {theirs}"
+        )
     return Checkpoint(
         path=path,
         config=config,
         generation=GenerationConfig.from_dir(path),
-        preprocessor=PreprocessorConfig.from_dir(path),
+        preprocessor=preprocessor,
         weight_files=files,
     )
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from qwenvl_cli.engine import Answer, Engine
-from qwenvl_cli.errors import QwenVLError
+from qwenvl_cli.errors import InputError, QwenVLError
 from qwenvl_cli.generate import SamplingParams
 from qwenvl_cli.inputs import InputItem
 from qwenvl_cli.media.image import ProcessedImage, load_image, preprocess_image
@@ -36,7 +36,10 @@ class Outcome:
 
 def _image(engine: Engine, item: InputItem, req: DescribeRequest) -> ProcessedImage:
     image = load_image(item.source(), name=item.name)
-    return preprocess_image(image, engine.preprocessor, min_pixels=req.min_pixels, max_pixels=req.max_pixels)
+    try:
+        return preprocess_image(image, engine.preprocessor, min_pixels=req.min_pixels, max_pixels=req.max_pixels)
+    except InputError as exc:  # e.g. an extreme aspect ratio: say which file
+        raise InputError(f"{item.name}: {exc}") from None
 
 
 def run_describe(
