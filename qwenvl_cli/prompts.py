@@ -55,7 +55,7 @@ def chat_text(parts: Sequence[Part], system: str | None = DEFAULT_SYSTEM) -> str
 
 def vision_token_count(grid_thw: Sequence[int], merge_size: int = 2) -> int:
     """Tokens the merger yields for one image/video: one per merge_size x merge_size block of patches."""
-    t, h, w = grid_thw
+    t, h, w = (int(v) for v in grid_thw)
     if min(t, h, w) < 1 or h % merge_size or w % merge_size:
         raise PromptError(f"vision grid {tuple(grid_thw)}: need t, h, w >= 1 with h and w multiples of {merge_size}")
     return t * h * w // merge_size**2

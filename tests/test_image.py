@@ -18,7 +18,6 @@ from qwenvl_cli.media.image import (
     preprocess_image,
     smart_resize,
     to_rgb,
-    vision_token_count,
 )
 
 
@@ -48,6 +47,8 @@ def test_smart_resize_refuses_extreme_aspect_ratio():
 
 
 def test_vision_token_count():
+    from qwenvl_cli.prompts import vision_token_count
+
     assert vision_token_count((1, 74, 74)) == 1369
     assert vision_token_count(torch.tensor([2, 4, 6])) == 12
     assert vision_token_count([1, 8, 8], merge_size=1) == 64

@@ -187,12 +187,6 @@ def patchify(pixels: torch.Tensor, patch_size: int, merge_size: int, temporal_pa
     return x.reshape(gh * gw, c * tp * p * p).contiguous()
 
 
-def vision_token_count(grid_thw: tuple[int, int, int] | list[int] | torch.Tensor, merge_size: int = 2) -> int:
-    """Tokens the language model sees for one image/video: t·h·w patches merged merge_size² to one."""
-    t, h, w = (int(v) for v in grid_thw)
-    return t * h * w // (merge_size * merge_size)
-
-
 __all__ = [
     "ProcessedImage",
     "load_image",
@@ -200,5 +194,4 @@ __all__ = [
     "preprocess_image",
     "smart_resize",
     "to_rgb",
-    "vision_token_count",
 ]

@@ -28,6 +28,7 @@ from qwenvl_cli.model.rope import (
 )
 from qwenvl_cli.model.text import KVCache, TextModel
 from qwenvl_cli.model.vision import VisionTransformer
+from qwenvl_cli.prompts import vision_token_count
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class Qwen2_5_VL(nn.Module):
         spans: list[VisionSpan] = []
         for kind, vis, name in ((1, images, "image"), (2, videos, "video")):
             grids = vis.grids if vis is not None else ()
-            expected = sum(t * h * w for t, h, w in grids) // merge**2
+            expected = sum(vision_token_count(g, merge) for g in grids)
             found = types.count(kind)
             if found != expected:
                 raise PromptError(
@@ -109,7 +110,7 @@ class Qwen2_5_VL(nn.Module):
             else:
                 grid, spg = next(video_iter)
                 spans.append(VisionSpan(grid, spg))
-            i += grid[0] * grid[1] * grid[2] // merge**2
+            i += vision_token_count(grid, merge)
         positions, delta = rope_index(types, spans, merge, cfg.vision.tokens_per_second)
         return Prompt(
             input_ids=torch.tensor([list(input_ids)], dtype=torch.long),
