@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
@@ -21,6 +21,9 @@ from qwenvl_cli.model.loader import Checkpoint, load_model, open_checkpoint, res
 from qwenvl_cli.model.qwen2_5_vl import Prompt, Qwen2_5_VL, VisionInput
 from qwenvl_cli.prompts import DEFAULT_SYSTEM, ImagePart, TextPart, build_chat_ids
 from qwenvl_cli.tokenizer import StreamDecoder, Tokenizer
+
+if TYPE_CHECKING:
+    from qwenvl_cli.constrain import JsonConstraint
 
 Part = str | ProcessedImage
 
@@ -102,13 +105,27 @@ class Engine:
             )
         return self.model.make_prompt(ids, images=vision)
 
-    def answer(self, prompt: Prompt, params: SamplingParams, on_text: Callable[[str], None] | None = None) -> Answer:
-        """Generate to the end, calling `on_text` with each complete piece of text as it appears."""
+    def json_constraint(self, schema: dict, fenced: bool = False) -> JsonConstraint:
+        """A constraint for `answer`: JSON valid against `schema` (in a ```json fence when `fenced`)."""
+        from qwenvl_cli.constrain import JsonConstraint
+
+        return JsonConstraint.from_schema(self.tokenizer, schema, fenced=fenced)
+
+    def answer(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        on_text: Callable[[str], None] | None = None,
+        *,
+        constraint: JsonConstraint | None = None,
+    ) -> Answer:
+        """Generate to the end, calling `on_text` with each complete piece of text as it appears. Under a
+        `constraint` the text is JSON valid against its schema unless finish_reason is "length"."""
         decoder = StreamDecoder(self.tokenizer)
         pieces: list[str] = []
         timings = Timings()
         start = time.perf_counter()
-        steps: Iterator[Step] = self.generator.stream(prompt, params)
+        steps: Iterator[Step] = self.generator.stream(prompt, params, constraint)
         count = 0
         reason = "length"
         for step in steps:

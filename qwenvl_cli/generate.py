@@ -2,13 +2,14 @@
 preallocated KV cache, stop rules. Yields steps; never prints.
 
 `reference_generate` recomputes the whole sequence every step without a cache: the oracle the cached
-generator is tested against.
+generator is tested against. Both take an optional constraint (constrain.JsonConstraint) that masks the
+logits before any processing and whose EOS ends the answer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -16,6 +17,9 @@ from qwenvl_cli.config import GenerationConfig, check_sampling
 from qwenvl_cli.errors import PromptError
 from qwenvl_cli.model.qwen2_5_vl import Prompt, Qwen2_5_VL
 from qwenvl_cli.model.text import KVCache
+
+if TYPE_CHECKING:
+    from qwenvl_cli.constrain import JsonConstraint
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,21 @@ def choose(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams, rng
     return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
 
 
+def apply_constraint(logits: torch.Tensor, constraint: JsonConstraint) -> torch.Tensor:
+    """Disallowed ids to -inf, before repetition penalty and warping see the logits. # (1, V)"""
+    allowed = constraint.allowed(logits.shape[-1], logits.device)  # (V,) bool
+    return torch.where(allowed, logits, float("-inf"))
+
+
+def _stop_ids(params: SamplingParams, constraint: JsonConstraint | None) -> set[int]:
+    """The answer ends at params' EOS ids and, under a constraint, at the constraint's EOS (the only one
+    it allows), even when params name none."""
+    stop = set(params.eos_token_ids)
+    if constraint is not None:
+        stop.add(constraint.eos_id)
+    return stop
+
+
 def _seen_mask(prompt: Prompt, vocab: int, device: torch.device) -> torch.Tensor:
     seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
     seen[0, prompt.input_ids[0].to(device)] = True
@@ -152,7 +171,11 @@ class Generator:
         return m.logits(hidden[:, -1])
 
     @torch.inference_mode()
-    def stream(self, prompt: Prompt, params: SamplingParams) -> Iterator[Step]:
+    def stream(
+        self, prompt: Prompt, params: SamplingParams, constraint: JsonConstraint | None = None
+    ) -> Iterator[Step]:
+        """Steps until a stop id or max_new_tokens. Under a constraint (reset here, so one can serve many
+        answers) every token is one it allows; a cut-off answer ends with "length" mid-JSON."""
         m = self.model
         device = m.device
         _check_length(m, prompt)
@@ -163,12 +186,19 @@ class Generator:
         cos_all, sin_all = m.decode_tables(decode_pos)  # (1, n_new, hd)
         seen = _seen_mask(prompt, m.config.text.vocab_size, device)
         rng = _rng(params, device)
-        eos = set(params.eos_token_ids)
+        eos = _stop_ids(params, constraint)
+        if constraint is not None:
+            constraint.reset()
 
         logits = self.prefill(prompt, cache)
         for i in range(n_new):
+            if constraint is not None:
+                # The mask is computed on the host while the decode step queued last iteration runs.
+                logits = apply_constraint(logits, constraint)
             token = choose(logits, seen, params, rng)  # (1,)
             token_id = int(token.item())  # the one host sync per token: the caller streams it
+            if constraint is not None:
+                constraint.advance(token_id)
             if token_id in eos:
                 yield Step(token_id, "stop")
                 return
@@ -182,21 +212,30 @@ class Generator:
 
 
 @torch.inference_mode()
-def reference_generate(model: Qwen2_5_VL, prompt: Prompt, params: SamplingParams) -> list[Step]:
+def reference_generate(
+    model: Qwen2_5_VL, prompt: Prompt, params: SamplingParams, constraint: JsonConstraint | None = None
+) -> list[Step]:
     """The obvious, slow generator: the full sequence through the model at every step, no cache."""
     device = model.device
     ids = prompt.input_ids
     positions = prompt.positions
     seen = _seen_mask(prompt, model.config.text.vocab_size, device)
     rng = _rng(params, device)
+    eos = _stop_ids(params, constraint)
+    if constraint is not None:
+        constraint.reset()
     steps: list[Step] = []
     for i in range(params.max_new_tokens):
         current = Prompt(ids, positions, prompt.rope_delta, prompt.images, prompt.videos)
         logits = model(current)[:, -1]
+        if constraint is not None:
+            logits = apply_constraint(logits, constraint)
         token = choose(logits, seen, params, rng)
         token_id = int(token.item())
-        last = token_id in params.eos_token_ids or i == params.max_new_tokens - 1
-        reason = "stop" if token_id in params.eos_token_ids else "length" if last else None
+        if constraint is not None:
+            constraint.advance(token_id)
+        last = token_id in eos or i == params.max_new_tokens - 1
+        reason = "stop" if token_id in eos else "length" if last else None
         steps.append(Step(token_id, reason))
         if last:
             return steps
