@@ -267,3 +267,48 @@ def test_load_image_decompression_bomb(tmp_path, monkeypatch):
         load_image(warn)
     with pytest.raises(InputError, match=r"error\.png: image has 2,500 pixels, over the limit of 2,000"):
         load_image(error)
+
+
+# ---------------------------------------------------------------------------------------------- several frames
+def _frames(*colours) -> list[Image.Image]:
+    return [Image.new("RGB", (8, 8), c) for c in colours]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "suffix", "kwargs"),
+    [("GIF", "gif", {"duration": 100}), ("PNG", "png", {"duration": 100}), ("WEBP", "webp", {"lossless": True})],
+    ids=["gif", "apng", "webp"],
+)
+def test_load_image_animated_warns_and_gives_first_frame(tmp_path, fmt, suffix, kwargs):
+    path = tmp_path / f"anim.{suffix}"
+    first, *rest = _frames((255, 0, 0), (0, 0, 255), (0, 255, 0))
+    first.save(path, fmt, save_all=True, append_images=rest, **kwargs)
+    warnings_seen: list[str] = []
+    image = load_image(path, on_warning=warnings_seen.append)
+    assert image.getpixel((4, 4)) == (255, 0, 0)
+    assert warnings_seen == [f"{path}: animated image (3 frames): using the first frame"]
+
+
+def test_load_image_multipage_tiff_warns(tmp_path):
+    path = tmp_path / "scan.tiff"
+    first, *rest = _frames((0, 255, 0), (0, 0, 255))
+    first.save(path, save_all=True, append_images=rest)
+    warnings_seen: list[str] = []
+    image = load_image(path.read_bytes(), name="-", on_warning=warnings_seen.append)
+    assert image.getpixel((4, 4)) == (0, 255, 0)
+    assert warnings_seen == ["-: multi-page image (2 pages): using the first page"]
+
+
+def test_load_image_single_frame_does_not_warn(tmp_path):
+    path = tmp_path / "still.gif"
+    _frames((255, 0, 0))[0].save(path)
+    warnings_seen: list[str] = []
+    load_image(path, on_warning=warnings_seen.append)
+    load_image(_upright_jpeg_bytes(), on_warning=warnings_seen.append)
+    assert warnings_seen == []
+
+
+def _upright_jpeg_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(_upright()).save(buf, "JPEG")
+    return buf.getvalue()

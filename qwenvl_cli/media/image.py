@@ -11,6 +11,7 @@ import io
 import math
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,9 +65,12 @@ def _bomb_message(label: str, exc: BaseException) -> str:
     return f"{label}: possible decompression bomb ({_one_line(exc)})"
 
 
-def load_image(path: str | Path | bytes, name: str | None = None) -> Image.Image:
-    """Decode an image file (or its bytes) to RGB with EXIF orientation applied; animated images give
-    their first frame. Every failure is an InputError naming the file (or `name`, e.g. "-" for stdin)."""
+def load_image(
+    path: str | Path | bytes, name: str | None = None, on_warning: Callable[[str], None] | None = None
+) -> Image.Image:
+    """Decode an image file (or its bytes) to RGB with EXIF orientation applied; animated images and
+    multi-page TIFFs give their first frame, and say so through `on_warning` (one line naming the file).
+    Every failure is an InputError naming the file (or `name`, e.g. "-" for stdin)."""
     if isinstance(path, bytes):
         label, source = name or "<image bytes>", io.BytesIO(path)
         if not path:
@@ -88,8 +92,8 @@ def load_image(path: str | Path | bytes, name: str | None = None) -> Image.Image
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as opened:
                 opened.load()  # Image.open is lazy: truncation only shows when decoding
-                upright = ImageOps.exif_transpose(opened)
-                return to_rgb(upright)
+                note = _frames_note(opened, label)
+                rgb = to_rgb(ImageOps.exif_transpose(opened))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError(_bomb_message(label, exc)) from None
     except Image.UnidentifiedImageError:
@@ -102,6 +106,20 @@ def load_image(path: str | Path | bytes, name: str | None = None) -> Image.Image
         raise InputError(f"{label}: corrupt or unreadable image ({_one_line(exc)})") from None
     except Exception as exc:  # Pillow's plugins raise assorted errors on malformed files
         raise InputError(f"{label}: corrupt image ({type(exc).__name__}: {_one_line(exc)})") from None
+    if note is not None and on_warning is not None:
+        on_warning(note)
+    return rgb
+
+
+def _frames_note(image: Image.Image, label: str) -> str | None:
+    """The warning for an image of several frames, of which only the first is used."""
+    n = getattr(image, "n_frames", 1)
+    # MPO is a camera JPEG carrying extra pictures (depth map, stereo pair): its first frame is the photo.
+    if n <= 1 or image.format == "MPO":
+        return None
+    if image.format == "TIFF":
+        return f"{label}: multi-page image ({n} pages): using the first page"
+    return f"{label}: animated image ({n} frames): using the first frame"
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
