@@ -41,7 +41,8 @@ def _ll_tokenizer(tokenizer: Tokenizer):
         try:
             text = tokenizer.path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise ModelError(f"{tokenizer.path}: cannot read the tokenizer for constrained decoding ({exc.strerror})") from None
+            reason = exc.strerror or type(exc).__name__
+            raise ModelError(f"{tokenizer.path}: cannot read the tokenizer for constrained output ({reason})") from None
         # n_vocab: the tokenizer's own ids only (151665); the embedding's padding rows never get a bit.
         cached = llguidance.LLTokenizer(text, n_vocab=tokenizer.vocab_size, eos_token=tokenizer.im_end_id)
         _LL_TOKENIZERS[tokenizer] = cached
@@ -74,7 +75,8 @@ class JsonConstraint:
         self._grammar = grammar
         self._matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
         if self._matcher.is_error():
-            raise UsageError(f"JSON schema not supported for constrained output: {_one_line(self._matcher.get_error())}")
+            reason = _one_line(self._matcher.get_error())
+            raise UsageError(f"JSON schema not supported for constrained output: {reason}")
         ll_vocab = ll_tokenizer.vocab_size
         self._ll_vocab = ll_vocab  # ids the grammar knows (the tokenizer's), a prefix of the model's vocab
         self.eos_id = eos_id

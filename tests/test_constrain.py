@@ -17,7 +17,7 @@ import torch
 from qwenvl_cli.constrain import ConstraintViolation, JsonConstraint
 from qwenvl_cli.engine import Engine
 from qwenvl_cli.errors import UsageError
-from qwenvl_cli.generate import SamplingParams, reference_generate
+from qwenvl_cli.generate import SamplingParams, Step, reference_generate
 
 IM_END = 151645
 TOKENIZER_VOCAB = 151665
@@ -31,8 +31,7 @@ COORD = {"type": "integer", "minimum": 0, "maximum": 1000}
 def _located(key: str, n: int) -> dict:
     item = {
         "type": "object",
-        "properties": {"bbox_2d" if n == 4 else "point_2d": {"type": "array", "items": COORD, "minItems": n, "maxItems": n},
-                       "label": STRING},
+        "properties": {key: {"type": "array", "items": COORD, "minItems": n, "maxItems": n}, "label": STRING},
         "required": [key, "label"],
         "additionalProperties": False,
     }
@@ -92,7 +91,8 @@ def validate(value, schema: dict, where: str = "$") -> None:
             if key in props:
                 validate(item, props[key], f"{where}.{key}")
     if isinstance(value, list):
-        assert schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", len(value)), f"{where}: {len(value)} items"
+        low, high = schema.get("minItems", 0), schema.get("maxItems", len(value))
+        assert low <= len(value) <= high, f"{where}: {len(value)} items"
         for i, item in enumerate(value):
             validate(item, schema.get("items", {}), f"{where}[{i}]")
     if isinstance(value, str):
@@ -167,7 +167,7 @@ def test_cached_generation_equals_the_reference_under_a_constraint(engine, promp
         cached = list(engine.generator.stream(prompt, params, constraint))
         oracle = reference_generate(engine.model, prompt, params, constraint)
         assert cached == oracle
-        assert cached[-1] == type(cached[-1])(IM_END, "stop")  # the constraint's EOS ends it, though params name none
+        assert cached[-1] == Step(IM_END, "stop")  # the constraint's EOS ends it, though params name none
 
 
 def test_padding_ids_are_never_chosen(make_ckpt, prompt):
