@@ -215,7 +215,11 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> ModelConfig:
-        return cls.from_dict(read_json(path))
+        raw = read_json(path)
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as exc:  # name the file the impossible numbers came from
+            raise ConfigError(f"{path}: {exc}") from None
 
 
 def _build(cls: type, raw: dict[str, Any], owner: str):

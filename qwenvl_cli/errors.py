@@ -30,3 +30,7 @@ class ConfigError(ModelError):
 
 class PromptError(QwenVLError):
     """The prompt cannot be built or does not fit (vision token count mismatch, context overflow)."""
+
+
+class AnswerError(QwenVLError):
+    """The model's answer cannot be read as the task needs (no JSON, cut off before anything complete)."""

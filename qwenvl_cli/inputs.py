@@ -1,7 +1,7 @@
 """Command-line inputs -> a list of items to answer, in order.
 
 An argument is a path, a glob the shell did not expand (sorted matches), a directory (its image files,
-recursively and sorted, with --recursive), or `-`: standard input.
+recursively and sorted, with --recursive: images and PDFs by extension), or `-`: standard input.
 Stdin that is UTF-8 text whose every non-blank line names an existing file is a list of paths (as from
 `ls` or `find`); anything else is the bytes of one file.
 """
@@ -9,6 +9,9 @@ Stdin that is UTF-8 text whose every non-blank line names an existing file is a 
 from __future__ import annotations
 
 import glob
+import os
+import select
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -17,6 +20,7 @@ from qwenvl_cli.errors import InputError
 
 _GLOB_CHARS = set("*?[")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+SUFFIXES = IMAGE_SUFFIXES | {".pdf"}  # what --recursive picks up in a directory
 
 
 @dataclass(frozen=True)
@@ -27,23 +31,57 @@ class InputItem:
     error: str | None = None  # known to be unusable before reading it
 
     def source(self) -> Path | bytes:
+        """The path of a regular file, or the bytes (stdin, or a pipe such as bash's `<(...)`)."""
         if self.error is not None:
             raise InputError(self.error)
         if self.data is not None:
             return self.data
         if self.path is None:
             raise InputError(f"{self.name}: no such file")
+        try:
+            mode = self.path.stat().st_mode
+        except OSError:
+            return self.path  # reading it says what is wrong
+        if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode):
+            return _read_pipe(self.path, self.name)
         return self.path
+
+
+PIPE_WAIT_SECONDS = 10.0  # a named pipe nobody writes to must not hang the batch
+MAX_PIPE_BYTES = 1 << 30
+
+
+def _read_pipe(path: Path, name: str) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise InputError(f"{name}: cannot read ({exc.strerror})") from None
+    try:
+        ready, _, _ = select.select([fd], [], [], PIPE_WAIT_SECONDS)
+        if not ready:
+            raise InputError(f"{name}: not a regular file, and nothing was written to it in {PIPE_WAIT_SECONDS:g} s")
+        os.set_blocking(fd, True)
+        chunks, total = [], 0
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > MAX_PIPE_BYTES:
+                raise InputError(f"{name}: more than {MAX_PIPE_BYTES >> 20} MiB from a pipe")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise InputError(f"{name}: cannot read ({exc.strerror})") from None
+    finally:
+        os.close(fd)
 
 
 def expand_inputs(args: list[str], stdin: BinaryIO | None, recursive: bool = False) -> list[InputItem]:
     items: list[InputItem] = []
     for arg in args:
-        if Path(arg).is_dir():
+        if _is_dir(arg):
             items.extend(_from_directory(arg, recursive))
         elif arg == "-":
             items.extend(_from_stdin(stdin))
-        elif _GLOB_CHARS & set(arg) and not Path(arg).exists():
+        elif _GLOB_CHARS & set(arg) and not _exists(arg):
             matches = sorted(glob.glob(arg))
             items.extend(InputItem(m, Path(m)) for m in matches)
             if not matches:
@@ -53,12 +91,33 @@ def expand_inputs(args: list[str], stdin: BinaryIO | None, recursive: bool = Fal
     return items
 
 
+def _is_dir(arg: str) -> bool:
+    try:
+        return Path(arg).is_dir()
+    except OSError:  # e.g. a name too long: reading it later gives the message
+        return False
+
+
+def _is_file(arg: str) -> bool:
+    try:
+        return Path(arg).is_file()
+    except (OSError, ValueError):  # too long, or a NUL byte
+        return False
+
+
+def _exists(arg: str) -> bool:
+    try:
+        return Path(arg).exists()
+    except OSError:
+        return False
+
+
 def _from_directory(arg: str, recursive: bool) -> list[InputItem]:
     if not recursive:
-        return [InputItem(arg, error=f"{arg}: is a directory (add --recursive to read the images in it)")]
-    files = sorted(p for p in Path(arg).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        return [InputItem(arg, error=f"{arg}: is a directory (add --recursive to read the images and PDFs in it)")]
+    files = sorted(p for p in Path(arg).rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
     if not files:
-        return [InputItem(arg, error=f"{arg}: no image files in this directory")]
+        return [InputItem(arg, error=f"{arg}: no image or PDF files in this directory")]
     return [InputItem(str(p), p) for p in files]
 
 
@@ -71,6 +130,6 @@ def _from_stdin(stdin: BinaryIO | None) -> list[InputItem]:
     except UnicodeDecodeError:
         return [InputItem("-", data=data)]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if lines and len(data) < 1_000_000 and all(Path(line).is_file() for line in lines):
+    if lines and len(data) < 1_000_000 and all(_is_file(line) for line in lines):
         return [InputItem(line, Path(line)) for line in lines]
     return [InputItem("-", data=data)]

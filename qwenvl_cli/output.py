@@ -28,10 +28,11 @@ class Printer:
         self._answers = 0
         self._line_open = False
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, header: bool = False) -> None:
+        """An answer begins: a `==> name <==` header in text mode for batches (or when `header`)."""
         if self.json_mode:
             return
-        if self.multi:
+        if self.multi or header:
             self.out.write(("\n" if self._answers else "") + f"==> {name} <==\n")
             self.out.flush()
 
@@ -43,29 +44,38 @@ class Printer:
         self.out.flush()
         self._line_open = not text.endswith("\n")
 
-    def done(self, record: dict[str, Any]) -> None:
+    def done(self, record: dict[str, Any], rendered: str | None = None) -> None:
+        """The end of an answer: its JSON line, or in text mode `rendered` (for answers that are not
+        streamed) or the newline that closes the streamed text."""
         self._answers += 1
         if self.json_mode:
             self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        elif rendered is not None:
+            self.out.write(rendered if rendered.endswith("\n") or not rendered else rendered + "\n")
         elif self._line_open:
             self.out.write("\n")
         self._line_open = False
         self.out.flush()
 
-    def failed(self, name: str, message: str) -> None:
+    def failed(self, name: str, message: str, page: int | None = None) -> None:
         if self._line_open:  # an answer was cut off mid-line
             self.out.write("\n")
             self._line_open = False
         warn(message, self.err)
         if self.json_mode:
-            self.out.write(json.dumps({"file": name, "error": message}, ensure_ascii=False) + "\n")
+            record: dict[str, Any] = {"file": name}
+            if page is not None:
+                record["page"] = page
+            record["error"] = message
+            self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
             self.out.flush()
 
 
 class FileWriter:
-    """--output-dir: one result file per input, named after the input's file name plus .txt or .json
-    (`cat.jpg` -> `cat.jpg.txt`); a repeated name in one run gets -2, -3 ... before the suffix. The path of
-    each file written is printed on stdout."""
+    """--output-dir: one result file per answer, named after the input's file name, then `.pN` for a PDF
+    page, then the suffix (`cat.jpg` -> `cat.jpg.txt`, `doc.pdf` page 3 -> `doc.pdf.p3.json`); CSV tables
+    one file each (`doc.pdf.p3.table2.csv`). A name repeated in one run gets -2, -3 ... before the
+    suffix. The path of each file written is printed on stdout."""
 
     def __init__(self, directory: Path, json_mode: bool, out: TextIO | None = None) -> None:
         self.directory = directory
@@ -77,9 +87,11 @@ class FileWriter:
         except OSError as exc:
             raise UsageError(f"--output-dir {directory}: cannot create the directory ({exc.strerror})") from None
 
-    def path_for(self, name: str) -> Path:
+    def path_for(self, name: str, page: int | None = None, suffix: str | None = None) -> Path:
         base = "stdin" if name == "-" else Path(name).name
-        suffix = ".json" if self.json_mode else ".txt"
+        if page is not None:
+            base += f".p{page}"
+        suffix = suffix or (".json" if self.json_mode else ".txt")
         candidate, n = base + suffix, 1
         while candidate in self.used:
             n += 1
@@ -87,11 +99,24 @@ class FileWriter:
         self.used.add(candidate)
         return self.directory / candidate
 
-    def write(self, name: str, record: dict[str, Any]) -> Path:
-        path = self.path_for(name)
-        body = json.dumps(record, ensure_ascii=False, indent=2) if self.json_mode else record["text"]
+    def write(
+        self, name: str, record: dict[str, Any], page: int | None = None, text: str | None = None, suffix: str | None = None
+    ) -> Path:
+        """The record as JSON with --json, else `text` (default: the record's "text")."""
+        if self.json_mode:
+            body = json.dumps(record, ensure_ascii=False, indent=2)
+        else:
+            body = record["text"] if text is None else text
+        return self._write(self.path_for(name, page, None if self.json_mode else suffix), body)
+
+    def write_each(self, name: str, page: int | None, bodies: list[str], stem: str, suffix: str) -> list[Path]:
+        """Several files for one answer (`stem` numbered from 1), e.g. one CSV per table."""
+        base = name if page is None else f"{name}.p{page}"
+        return [self._write(self.path_for(f"{base}.{stem}{i}", None, suffix), b) for i, b in enumerate(bodies, 1)]
+
+    def _write(self, path: Path, body: str) -> Path:
         try:
-            path.write_text(body + "\n", encoding="utf-8")
+            path.write_text(body if body.endswith("\n") else body + "\n", encoding="utf-8")
         except OSError as exc:
             raise UsageError(f"{path}: cannot write ({exc.strerror})") from None
         self.out.write(f"{path}\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -201,16 +202,43 @@ def test_missing_directory_empty(tmp_path):
         detect_kind(b"", "-")
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_unreadable_file(tmp_path):
-    path = tmp_path / "secret.png"
+def test_unreadable_file():
+    """chmod 000. Root reads files whatever their mode, so as root the check runs in a forked child that
+    has dropped to the `nobody` user (the module is already imported: nothing to read from disk)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp())
+    folder.chmod(0o755)
+    path = folder / "secret.png"
     path.write_bytes(_saved("PNG"))
     path.chmod(0)
-    try:
-        with pytest.raises(InputError, match=r"^secret\.png: permission denied$"):
+
+    def check() -> bool:
+        try:
             detect_kind(path, "secret.png")
+        except InputError as exc:
+            return str(exc) == "secret.png: permission denied"
+        return False
+
+    try:
+        if os.geteuid() != 0:
+            assert check()
+            return
+        pid = os.fork()
+        if pid == 0:  # the child: never return into pytest
+            code = 1
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                code = 0 if check() else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
     finally:
         path.chmod(0o644)
+        path.unlink()
+        folder.rmdir()
 
 
 def test_unreadable_file_as_root_via_a_refused_open(tmp_path, monkeypatch):

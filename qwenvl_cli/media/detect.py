@@ -93,7 +93,11 @@ def _read_head(path: Path, name: str) -> bytes:
     except PermissionError:
         raise InputError(f"{name}: permission denied") from None
     except OSError as exc:
-        if path.is_dir():  # some systems report EACCES or EISDIR differently
+        try:
+            is_dir = path.is_dir()  # some systems report EACCES or EISDIR differently
+        except OSError:
+            is_dir = False  # e.g. a name too long
+        if is_dir:
             raise InputError(f"{name}: is a directory") from None
         raise InputError(f"{name}: cannot read ({' '.join(str(exc.strerror or exc).split())})") from None
     if not head:

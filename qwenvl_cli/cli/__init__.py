@@ -1,0 +1,43 @@
+"""The `qwenvl` command: options -> request -> run -> output, one module per subcommand.
+
+Errors become one `qwenvl: ...` line on stderr and an exit code (QWENVL_DEBUG=1 shows the traceback).
+"""
+
+from __future__ import annotations
+
+import typer
+
+from qwenvl_cli import __version__
+
+app = typer.Typer(
+    name="qwenvl",
+    help="Understand images and PDFs with Qwen2.5-VL, locally, from the shell.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"qwenvl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Understand images and PDFs with Qwen2.5-VL, locally, from the shell."""
+
+
+# Each module registers its command on `app`.
+from qwenvl_cli.cli import describe, extract, ground, manage  # noqa: E402,F401
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""`qwenvl extract`: what a document says, in the form asked for.
+
+- text (default): OCR in reading order, free text, streamed.
+- lines (--json): text spotting, `[{"bbox_2d", "text_content"}]` constrained, boxes mapped to the original.
+- fields / schema: key information as JSON constrained to the schema (fields: every value a string or null).
+- tables (--format csv|markdown|json|html): the page read as QwenVL HTML, its tables converted.
+Prompts are the cookbooks' (see ../shared/QWEN25VL.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from qwenvl_cli.engine import Answer
+from qwenvl_cli.errors import AnswerError, UsageError
+from qwenvl_cli.jsonfix import LenientJSONError, parse_lenient
+from qwenvl_cli.tables import Table, tables_from_html
+from qwenvl_cli.tasks.ground import read_detections
+from qwenvl_cli.tasks.runner import Job, Seen
+
+OCR_PROMPT = "Read all the text in the image."
+SPOTTING_PROMPT = "Spotting all the text in the image with line-level, and output in JSON format."
+HTML_PROMPT = "QwenVL HTML"
+TABLE_FORMATS = ("csv", "markdown", "json", "html")
+SPOTTING_SCHEMA = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "properties": {
+            "bbox_2d": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 4, "maxItems": 4},
+            "text_content": {"type": "string"},
+        },
+        "required": ["bbox_2d", "text_content"],
+        "additionalProperties": False,
+    },
+}
+
+
+@dataclass(frozen=True)
+class ExtractMode:
+    kind: str  # "text" | "lines" | "fields" | "schema" | "tables"
+    fields: tuple[str, ...] = ()
+    schema: dict | None = None
+    table_format: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("text", "lines", "fields", "schema", "tables"):
+            raise ValueError(f"unknown extract mode {self.kind!r}")
+
+
+def parse_fields(spec: str) -> tuple[str, ...]:
+    """`"invoice number, date,total"` -> ("invoice number", "date", "total"), duplicates dropped."""
+    fields = tuple(dict.fromkeys(f.strip() for f in spec.split(",") if f.strip()))
+    if not fields:
+        raise UsageError(f"--fields {spec!r}: give field names separated by commas, e.g. 'invoice number,date,total'")
+    return fields
+
+
+def load_schema(path: str) -> dict:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"--schema {path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--schema {path}: cannot read ({exc})") from None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--schema {path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(schema, dict):
+        raise UsageError(f"--schema {path}: a JSON Schema is an object, got {type(schema).__name__}")
+    return schema
+
+
+FIELD_MAX_CHARS = 200  # key fields are short values; the bound also guarantees the answer ends
+
+
+def fields_schema(fields: Sequence[str]) -> dict:
+    """Every field present, in order, each a string of at most FIELD_MAX_CHARS or null. (--schema for
+    anything longer or typed.)"""
+    value = {"anyOf": [{"type": "string", "maxLength": FIELD_MAX_CHARS}, {"type": "null"}]}
+    return {
+        "type": "object",
+        "properties": {f: value for f in fields},
+        "required": list(fields),
+        "additionalProperties": False,
+    }
+
+
+def fields_prompt(fields: Sequence[str]) -> str:
+    template = json.dumps({f: "" for f in fields}, ensure_ascii=False)
+    return f"Extract the key-value information in the format:{template}"
+
+
+def schema_prompt(schema: dict) -> str:
+    return (
+        "Extract the information in this document as JSON that follows this JSON Schema; "
+        "use null for values the document does not show.\n" + json.dumps(schema, ensure_ascii=False)
+    )
+
+
+@dataclass(frozen=True)
+class Extracted:
+    text: str | None = None
+    data: Any = None
+    tables: tuple[Table, ...] | None = None
+    lines: Any = None  # the spotting result (a ground.Found) in --json mode
+
+
+def _data(answer: Answer) -> Any:
+    if answer.finish_reason == "length":
+        raise AnswerError(
+            f"the answer was cut off at {answer.completion_tokens} tokens before the JSON was complete "
+            "(raise --max-new-tokens)"
+        )
+    try:
+        return parse_lenient(answer.text)
+    except LenientJSONError:
+        raise AnswerError(f"the model's answer is not JSON: {answer.text[:80]!r}") from None
+
+
+def _spotting(answer: Answer, seen: Sequence[Seen]) -> Extracted:
+    if len(seen) != 1:
+        raise UsageError("--json reads text lines with their boxes, one picture at a time: drop --together")
+    found = read_detections(answer, seen[0])
+    return Extracted(text="\n".join(d.label for d in found.detections), lines=found)
+
+
+def extract_plan(mode: ExtractMode, make_constraint: Callable[[dict], object]):
+    def plan(seen: Sequence[Seen]) -> Job:
+        if mode.kind == "text":
+            return Job(OCR_PROMPT, finish=lambda a: Extracted(text=a.text))
+        if mode.kind == "lines":
+            return Job(SPOTTING_PROMPT, lambda a: _spotting(a, seen), make_constraint(SPOTTING_SCHEMA))
+        if mode.kind == "fields":
+            schema = fields_schema(mode.fields)
+            return Job(fields_prompt(mode.fields), lambda a: Extracted(data=_data(a)), make_constraint(schema))
+        if mode.kind == "schema":
+            return Job(schema_prompt(mode.schema), lambda a: Extracted(data=_data(a)), make_constraint(mode.schema))
+        return Job(HTML_PROMPT, finish=lambda a: Extracted(text=a.text, tables=tuple(tables_from_html(a.text))))
+
+    return plan

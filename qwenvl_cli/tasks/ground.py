@@ -1,0 +1,123 @@
+"""`qwenvl ground`: find things, as boxes (or points) in the ORIGINAL image's pixels.
+
+The prompt is the cookbook's grounding prompt; decoding is constrained to the JSON list the model was
+trained to write (```json fence, `{"bbox_2d": [x1, y1, x2, y2], "label": ...}` in pixels of the resized
+image it saw). The boxes are then scaled to the upright original image, clamped, degenerate ones
+dropped; PDF pages also get PDF points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from qwenvl_cli.boxes import Detection, detections_from_json, to_original
+from qwenvl_cli.engine import Answer
+from qwenvl_cli.errors import AnswerError
+from qwenvl_cli.jsonfix import LenientJSONError, parse_lenient
+from qwenvl_cli.tasks.runner import Job, Seen
+
+LABEL = {"type": "string", "maxLength": 200}
+
+
+def ground_schema(points: bool) -> dict:
+    key, n = ("point_2d", 2) if points else ("bbox_2d", 4)
+    coords = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": n, "maxItems": n}
+    item = {
+        "type": "object",
+        "properties": {key: coords, "label": LABEL},
+        "required": [key, "label"],
+        "additionalProperties": False,
+    }
+    return {"type": "array", "items": item}
+
+
+def ground_prompt(query: str, points: bool) -> str:
+    what = "point" if points else "bbox"
+    return f"Locate {query.strip()} in the image, output the {what} coordinates in JSON format."
+
+
+@dataclass(frozen=True)
+class Found:
+    """What was found in one picture."""
+
+    detections: tuple[Detection, ...]  # in the original image's pixels (PDF: the rendered page's)
+    image_size: tuple[int, int]  # (width, height) of that image
+    truncated: bool = False  # the answer hit --max-new-tokens; the complete items are kept
+    pdf_boxes: tuple[tuple[float, ...], ...] | None = None  # per detection, PDF points (PDF pages only)
+    dpi: float | None = None
+
+
+def read_detections(answer: Answer, seen: Seen) -> Found:
+    """The model's JSON -> detections in original pixels (+ PDF points for a page)."""
+    try:
+        value = parse_lenient(answer.text)
+    except LenientJSONError:
+        if answer.finish_reason == "length":
+            raise AnswerError(
+                f"the answer was cut off at {answer.completion_tokens} tokens before any complete box "
+                "(raise --max-new-tokens)"
+            ) from None
+        raise AnswerError(f"the model's answer holds no JSON list of boxes: {answer.text[:80]!r}") from None
+    image = seen.image
+    found = to_original(detections_from_json(value), image.resized_size, image.original_size)
+    pdf = None
+    geometry = seen.visual.geometry
+    if geometry is not None:
+        pdf = tuple(
+            geometry.to_points(d.bbox) if d.bbox is not None else geometry.point_to_points(*d.point) for d in found
+        )
+    return Found(
+        tuple(found),
+        image.original_size,
+        truncated=answer.finish_reason == "length",
+        pdf_boxes=pdf,
+        dpi=geometry.dpi if geometry is not None else None,
+    )
+
+
+def ground_plan(query: str, points: bool, make_constraint: Callable[[dict], object] | None):
+    """`make_constraint(schema)` gives a fresh constraint per answer (None: free decoding + lenient parse)."""
+    schema = ground_schema(points)
+
+    def plan(seen: Sequence[Seen]) -> Job:
+        [one] = seen  # grounding answers about one picture at a time
+        return Job(
+            ground_prompt(query, points),
+            finish=lambda answer: read_detections(answer, one),
+            constraint=make_constraint(schema) if make_constraint else None,
+        )
+
+    return plan
+
+
+def found_record(found: Found, points: bool) -> dict:
+    """The JSON fields for one picture: objects as `{"label", "bbox_2d"}` (or `point_2d`), plus
+    `bbox_pdf` / `point_pdf` in PDF points on PDF pages."""
+    key = "point_2d" if points else "bbox_2d"
+    objects = []
+    for i, d in enumerate(found.detections):
+        coords = d.point if points else d.bbox
+        if coords is None:
+            continue
+        obj = {"label": d.label, key: [int(v) for v in coords]}
+        if found.pdf_boxes is not None:
+            obj["point_pdf" if points else "bbox_pdf"] = list(found.pdf_boxes[i])
+        objects.append(obj)
+    record = {"objects": objects, "image_size": list(found.image_size)}
+    if found.dpi is not None:
+        record["dpi"] = found.dpi
+    return record
+
+
+def found_text(record: dict) -> str:
+    """Human-readable lines: `label  [x1, y1, x2, y2]` (and the PDF points)."""
+    lines = []
+    for obj in record["objects"]:
+        coords = obj.get("bbox_2d") or obj.get("point_2d")
+        line = f"{obj['label'] or '(no label)'}  {coords}"
+        pdf = obj.get("bbox_pdf") or obj.get("point_pdf")
+        if pdf is not None:
+            line += f"  pdf points {pdf}"
+        lines.append(line)
+    return "\n".join(lines) if lines else "(nothing found)"
