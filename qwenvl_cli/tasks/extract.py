@@ -18,25 +18,24 @@ from qwenvl_cli.engine import Answer
 from qwenvl_cli.errors import AnswerError, UsageError
 from qwenvl_cli.jsonfix import LenientJSONError, parse_lenient
 from qwenvl_cli.tables import Table, tables_from_html
-from qwenvl_cli.tasks.ground import read_detections
+from qwenvl_cli.tasks.ground import coords_schema, read_detections
 from qwenvl_cli.tasks.runner import Job, Seen
 
 OCR_PROMPT = "Read all the text in the image."
 SPOTTING_PROMPT = "Spotting all the text in the image with line-level, and output in JSON format."
 HTML_PROMPT = "QwenVL HTML"
 TABLE_FORMATS = ("csv", "markdown", "json", "html")
-SPOTTING_SCHEMA = {
-    "type": "array",
-    "items": {
+
+
+def spotting_schema(size: tuple[int, int]) -> dict:
+    """Text spotting: `[{"bbox_2d", "text_content"}]`, boxes within the resized picture."""
+    item = {
         "type": "object",
-        "properties": {
-            "bbox_2d": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 4, "maxItems": 4},
-            "text_content": {"type": "string"},
-        },
+        "properties": {"bbox_2d": coords_schema(4, size), "text_content": {"type": "string"}},
         "required": ["bbox_2d", "text_content"],
         "additionalProperties": False,
-    },
-}
+    }
+    return {"type": "array", "items": item}
 
 
 @dataclass(frozen=True)
@@ -134,7 +133,8 @@ def extract_plan(mode: ExtractMode, make_constraint: Callable[[dict], object]):
         if mode.kind == "text":
             return Job(OCR_PROMPT, finish=lambda a: Extracted(text=a.text))
         if mode.kind == "lines":
-            return Job(SPOTTING_PROMPT, lambda a: _spotting(a, seen), make_constraint(SPOTTING_SCHEMA))
+            size = seen[0].image.resized_size
+            return Job(SPOTTING_PROMPT, lambda a: _spotting(a, seen), make_constraint(spotting_schema(size)))
         if mode.kind == "fields":
             schema = fields_schema(mode.fields)
             return Job(fields_prompt(mode.fields), lambda a: Extracted(data=_data(a)), make_constraint(schema))

@@ -20,12 +20,20 @@ from qwenvl_cli.tasks.runner import Job, Seen
 LABEL = {"type": "string", "maxLength": 200}
 
 
-def ground_schema(points: bool) -> dict:
+def coords_schema(n: int, size: tuple[int, int]) -> dict:
+    """n integers alternating x, y, each within the resized image the model saw (width, height): the
+    grammar cannot produce a coordinate off the picture."""
+    width, height = size
+    axes = [{"type": "integer", "minimum": 0, "maximum": width if i % 2 == 0 else height} for i in range(n)]
+    return {"type": "array", "prefixItems": axes, "items": False, "minItems": n, "maxItems": n}
+
+
+def ground_schema(points: bool, size: tuple[int, int]) -> dict:
+    """The list of `{"bbox_2d": [x1, y1, x2, y2], "label"}` (or `point_2d`) for a picture resized to `size`."""
     key, n = ("point_2d", 2) if points else ("bbox_2d", 4)
-    coords = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": n, "maxItems": n}
     item = {
         "type": "object",
-        "properties": {key: coords, "label": LABEL},
+        "properties": {key: coords_schema(n, size), "label": LABEL},
         "required": [key, "label"],
         "additionalProperties": False,
     }
@@ -78,10 +86,10 @@ def read_detections(answer: Answer, seen: Seen) -> Found:
 
 def ground_plan(query: str, points: bool, make_constraint: Callable[[dict], object] | None):
     """`make_constraint(schema)` gives a fresh constraint per answer (None: free decoding + lenient parse)."""
-    schema = ground_schema(points)
 
     def plan(seen: Sequence[Seen]) -> Job:
         [one] = seen  # grounding answers about one picture at a time
+        schema = ground_schema(points, one.image.resized_size)
         return Job(
             ground_prompt(query, points),
             finish=lambda answer: read_detections(answer, one),
