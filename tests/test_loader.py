@@ -189,3 +189,15 @@ def test_preprocessor_must_agree_with_the_vision_tower(make_ckpt, tmp_path):
     (path / "preprocessor_config.json").write_text(json.dumps(pre))
     with pytest.raises(ModelError, match="do not match the vision config"):
         open_checkpoint(path)
+
+
+def test_auto_dtype_per_device():
+    import torch
+
+    from qwenvl_cli.model.loader import resolve_dtype
+
+    cuda = torch.device("cuda")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", cuda, bf16_ok=lambda d: True) == torch.bfloat16
+    assert resolve_dtype("auto", cuda, bf16_ok=lambda d: False) == torch.float16  # T4, V100
+    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16

@@ -88,9 +88,14 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     )
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device, bf16_ok=None) -> torch.dtype:
+    """auto: float32 on CPU; on CUDA bfloat16 (the checkpoints' dtype), or float16 on GPUs without
+    bfloat16 (pre-Ampere, e.g. T4/V100). `bf16_ok(device)` is injectable for tests."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        supported = bf16_ok or (lambda d: torch.cuda.is_bf16_supported(including_emulation=False))
+        return torch.bfloat16 if supported(device) else torch.float16
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r} (choose auto, {', '.join(DTYPES)})")
     return DTYPES[dtype]
