@@ -78,11 +78,12 @@ def detect_kind(source: Path | bytes, name: str) -> Kind:
             raise InputError(f"{name}: empty (0 bytes)")
         return _classify(source[:HEAD_BYTES], lambda: io.BytesIO(source), name)
     path = Path(source)
-    head = _read_head(path, name)
+    head = read_head(path, name)
     return _classify(head, lambda: path.open("rb"), name)
 
 
-def _read_head(path: Path, name: str) -> bytes:
+def read_head(path: Path, name: str) -> bytes:
+    """The first HEAD_BYTES of a file; every way of failing to read it is one InputError naming it."""
     try:
         with path.open("rb") as f:
             head = f.read(HEAD_BYTES)

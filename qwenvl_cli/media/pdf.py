@@ -20,6 +20,7 @@ import pypdfium2.raw as pdfium_c
 from PIL import Image
 
 from qwenvl_cli.errors import InputError, UsageError
+from qwenvl_cli.media.detect import read_head
 
 # 200 dpi: an A4 page (595.28x841.89 pt) becomes 1654x2339 px = 3.9 MP, under the checkpoints' default
 # max_pixels (12,845,056), so the processor does not downscale it; 8-pt print is ~22 px tall, legible to
@@ -197,7 +198,7 @@ class PdfFile:
             data: Path | bytes = source
         else:
             data = Path(source)
-            _check_readable(data, name)
+            read_head(data, name)
         try:
             with warnings.catch_warnings():  # XFA form load failures warn; the static form still renders
                 warnings.simplefilter("ignore")
@@ -269,22 +270,6 @@ class PdfFile:
         """The pages in `numbers`, rendered one at a time as the caller asks for them; none is kept."""
         for number in numbers:
             yield self.render(number, dpi)
-
-
-def _check_readable(path: Path, name: str) -> None:
-    try:
-        with path.open("rb") as f:
-            empty = not f.read(1)
-    except FileNotFoundError:
-        raise InputError(f"{name}: file not found") from None
-    except IsADirectoryError:
-        raise InputError(f"{name}: is a directory") from None
-    except PermissionError:
-        raise InputError(f"{name}: permission denied") from None
-    except OSError as exc:
-        raise InputError(f"{name}: cannot read ({_one_line(exc.strerror or exc)})") from None
-    if empty:
-        raise InputError(f"{name}: empty file (0 bytes)")
 
 
 def _loads_without_pages(data: Path | bytes, password: str | None) -> bool:
