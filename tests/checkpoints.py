@@ -7,6 +7,7 @@ embeddings, so that a wrong position, a dropped bias or a wrong window order cha
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib.util
 import json
@@ -66,6 +67,7 @@ def tokenizer_dir() -> Path:
     its four Qwen3-only tokens, with Qwen2.5-VL's chat template."""
     src = _source_tokenizer_dir()
     dst = Path(tempfile.mkdtemp(prefix="qwenvl-test-tokenizer-"))
+    atexit.register(shutil.rmtree, dst, ignore_errors=True)
     tok = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
     tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] not in QWEN3_ONLY]
     (dst / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
