@@ -46,7 +46,7 @@ TOP_K = typer.Option(None, "--top-k", min=0, help="Sample among the K most likel
 REPETITION_PENALTY = typer.Option(None, "--repetition-penalty", min=0.01, help="1.0 = off.")
 SEED = typer.Option(None, "--seed", min=0, max=2**63 - 1, help="Seed for reproducible sampling.")
 DEVICE = typer.Option(Device.auto, "--device", help="Where to run.")
-DTYPE = typer.Option(DType.auto, "--dtype", help="Weights dtype (auto: bf16 on GPU, fp32 on CPU).")
+DTYPE = typer.Option(DType.auto, "--dtype", help="Weights dtype (auto: bf16 on GPU, fp16 where the GPU lacks bf16, fp32 on CPU).")
 MIN_PIXELS = typer.Option(None, "--min-pixels", min=1, help="Smallest resized image area.")
 MAX_PIXELS = typer.Option(None, "--max-pixels", min=1, help="Largest resized image area.")
 RECURSIVE = typer.Option(False, "--recursive", "-r", help="Read the image and PDF files inside directories.")
