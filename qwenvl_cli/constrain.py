@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import weakref
 
 import llguidance
@@ -75,8 +76,7 @@ class JsonConstraint:
         self._grammar = grammar
         self._matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
         if self._matcher.is_error():
-            reason = _one_line(self._matcher.get_error())
-            raise UsageError(f"JSON schema not supported for constrained output: {reason}")
+            raise UsageError(f"JSON schema not supported for constrained output: {_schema_reason(self._matcher.get_error())}")
         ll_vocab = ll_tokenizer.vocab_size
         self._ll_vocab = ll_vocab  # ids the grammar knows (the tokenizer's), a prefix of the model's vocab
         self.eos_id = eos_id
@@ -148,3 +148,11 @@ class JsonConstraint:
             raise ConstraintViolation(
                 f"token {token_id} is not allowed here by the JSON constraint: {_one_line(self._matcher.get_error())}"
             )
+
+
+def _schema_reason(error: str) -> str:
+    """llguidance's compile error without the grammar source it quotes after the reason (lines `N | ...`)."""
+    text = _one_line(error)
+    text = re.split(r" \d+ \| ", text, maxsplit=1)[0]
+    reason = text.split("failed to compile JSON schema: ", 1)[-1]
+    return reason.strip() or text

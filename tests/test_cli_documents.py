@@ -392,3 +392,13 @@ def test_constrained_boxes_stay_within_the_resized_picture(model_dir):
             coords += [item["bbox_2d"] for item in parse_lenient(answer.text)]
     assert coords, "no complete box in four answers"
     assert all(0 <= x <= 56 and 0 <= y <= 28 for x1, y1, x2, y2 in coords for x, y in ((x1, y1), (x2, y2)))
+
+
+def test_unsupported_schema_is_one_short_usage_line(model_dir, tmp_path):
+    path = tmp_path / "unique.json"
+    path.write_text(json.dumps({"type": "object", "properties": {"t": {"type": "array", "uniqueItems": True}}}))
+    r = run("extract", RECEIPT, "--schema", str(path), "--model", model_dir)
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == [
+        f"qwenvl: --schema {path}: JSON schema not supported for constrained output: Unimplemented keys: [\"uniqueItems\"]"
+    ]

@@ -98,6 +98,7 @@ def extract(
     """Read documents: the text (OCR), key fields or a JSON Schema as valid JSON, or the tables as CSV,
     Markdown, JSON or HTML. One answer per image or PDF page."""
     with reported_errors():
+        from qwenvl_cli.errors import UsageError
         from qwenvl_cli.output import warn
         from qwenvl_cli.tasks.extract import extract_plan
         from qwenvl_cli.tasks.ground import found_record
@@ -106,7 +107,10 @@ def extract(
         session = Session(common_options(locals(), inputs), streams_text=mode.kind == "text")
         make = make_constraint_factory(session.engine)
         if mode.kind == "schema":
-            make(mode.schema)  # an unsupported schema fails here, before any input is read
+            try:
+                make(mode.schema)  # an unsupported schema fails here, before any input is read
+            except UsageError as exc:
+                raise UsageError(f"--schema {schema}: {exc}") from None
         for outcome in session.run(extract_plan(mode, make)):
             got = outcome.result
             record = session.base_record(outcome)
