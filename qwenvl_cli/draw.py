@@ -99,13 +99,18 @@ def draw_detections(image: Image.Image, dets: list[Detection]) -> Image.Image:
     return out
 
 
+def image_format(path: Path) -> str | None:
+    """The Pillow format a path's suffix names, if Pillow can write it (".png" -> "PNG"), else None."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    return fmt if fmt in Image.SAVE else None
+
+
 def save_image(image: Image.Image, path: Path, name: str) -> None:
     """Write `image` to `path` in the format its suffix names (.png, .jpg, .webp, ...). `name` is the
     picture it was drawn from, for the message. Unknown suffixes and unwritable paths are UsageErrors."""
     path = Path(path)
-    formats = Image.registered_extensions()
-    fmt = formats.get(path.suffix.lower())
-    if fmt is None or fmt not in Image.SAVE:
+    fmt = image_format(path)
+    if fmt is None:
         raise UsageError(
             f"{name}: cannot write the drawing to {path}: unknown image suffix {path.suffix or '(none)'!r} "
             "(use .png, .jpg or .webp)"

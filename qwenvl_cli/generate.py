@@ -121,6 +121,12 @@ def _stop_ids(params: SamplingParams, constraint: JsonConstraint | None) -> set[
     return stop
 
 
+def _complete(constraint: JsonConstraint | None) -> bool:
+    """The constrained answer is whole: only its EOS could follow, so the answer ends here without
+    spending a step (and a token of the budget) on it."""
+    return constraint is not None and constraint.finished
+
+
 def _seen_mask(prompt: Prompt, vocab: int, device: torch.device) -> torch.Tensor:
     seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
     seen[0, prompt.input_ids[0].to(device)] = True
@@ -175,7 +181,8 @@ class Generator:
         self, prompt: Prompt, params: SamplingParams, constraint: JsonConstraint | None = None
     ) -> Iterator[Step]:
         """Steps until a stop id or max_new_tokens. Under a constraint (reset here, so one can serve many
-        answers) every token is one it allows; a cut-off answer ends with "length" mid-JSON."""
+        answers) every token is one it allows, and the answer ends ("stop") as soon as the grammar is
+        complete; a cut-off answer ends with "length" mid-JSON."""
         m = self.model
         device = m.device
         _check_length(m, prompt)
@@ -199,7 +206,7 @@ class Generator:
             token_id = int(token.item())  # the one host sync per token: the caller streams it
             if constraint is not None:
                 constraint.advance(token_id)
-            if token_id in eos:
+            if token_id in eos or _complete(constraint):
                 yield Step(token_id, "stop")
                 return
             if i == n_new - 1:
@@ -234,8 +241,9 @@ def reference_generate(
         token_id = int(token.item())
         if constraint is not None:
             constraint.advance(token_id)
-        last = token_id in eos or i == params.max_new_tokens - 1
-        reason = "stop" if token_id in eos else "length" if last else None
+        done = token_id in eos or _complete(constraint)
+        last = done or i == params.max_new_tokens - 1
+        reason = "stop" if done else "length" if last else None
         steps.append(Step(token_id, reason))
         if last:
             return steps

@@ -2,8 +2,9 @@
 
 An argument is a path, a glob the shell did not expand (sorted matches), a directory (its image files,
 recursively and sorted, with --recursive: images and PDFs by extension), or `-`: standard input.
-Stdin that is UTF-8 text whose every non-blank line names an existing file is a list of paths (as from
-`ls` or `find`); anything else is the bytes of one file.
+Stdin that is UTF-8 text in which some line names an existing file or directory is a list of paths, one
+per line (as from `ls` or `find`; directories in it are skipped, missing paths fail one by one); anything
+else is the bytes of one file.
 """
 
 from __future__ import annotations
@@ -130,6 +131,10 @@ def _from_stdin(stdin: BinaryIO | None) -> list[InputItem]:
     except UnicodeDecodeError:
         return [InputItem("-", data=data)]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if lines and len(data) < 1_000_000 and all(_is_file(line) for line in lines):
-        return [InputItem(line, Path(line)) for line in lines]
-    return [InputItem("-", data=data)]
+    if not lines or len(data) >= 1_000_000 or "\0" in text:
+        return [InputItem("-", data=data)]
+    if not any(_is_file(line) or _is_dir(line) for line in lines):
+        return [InputItem("-", data=data)]  # text, but not a list of paths: read as a file (and refused)
+    # A list of paths: directories are skipped (`find` prints them too); a missing path fails on its own.
+    files = [InputItem(line, Path(line)) for line in lines if not _is_dir(line)]
+    return files or [InputItem("-", error="-: the list of paths on stdin names only directories")]

@@ -57,7 +57,7 @@ class Printer:
         self._line_open = False
         self.out.flush()
 
-    def failed(self, name: str, message: str, page: int | None = None) -> None:
+    def failed(self, name: str | list[str], message: str, page: int | None = None) -> None:
         if self._line_open:  # an answer was cut off mid-line
             self.out.write("\n")
             self._line_open = False

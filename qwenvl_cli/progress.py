@@ -1,7 +1,7 @@
 """Feedback on stderr while work runs: a spinner for model loading, a progress bar for batches and PDF
-pages. Shown only when stderr is a terminal and --quiet is off; the bar also stays away while answers
-stream to the same terminal (the streamed text is the progress then). Everything here is a no-op when
-disabled, so tasks call it unconditionally.
+pages. Shown only when stderr is a terminal and --quiet is off; bars also only when stdout is not that
+terminal (answers printed there would tear through a live bar; they are the progress then). Everything
+here is a no-op when disabled, so tasks call it unconditionally.
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ class Feedback:
         self._pages = None
 
     @classmethod
-    def for_streams(cls, quiet: bool, streaming_text: bool) -> Feedback:
-        """The rule above, from the real stderr/stdout. `streaming_text`: answers are written to stdout as
-        they are generated (text mode, no --output-dir)."""
+    def for_streams(cls, quiet: bool) -> Feedback:
+        """The rule above, from the real stderr and stdout."""
         on_terminal = not quiet and sys.stderr.isatty()
         if not on_terminal:
             _quiet_hub_bars()  # huggingface_hub's own bars follow the same rule
-        bars = on_terminal and not (streaming_text and sys.stdout.isatty())
+        # Answers printed to the same terminal would tear through a live bar: bars only when stdout goes
+        # elsewhere (a file, a pipe); on a terminal the answers themselves show the progress.
+        bars = on_terminal and not sys.stdout.isatty()
         return cls(spinner=on_terminal, bars=bars)
 
     @property

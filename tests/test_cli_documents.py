@@ -368,6 +368,7 @@ def test_together_puts_pages_in_one_prompt_and_refuses_past_the_context(make_ckp
     assert r.exit_code == 0, r.stderr
     [record] = json_lines(r.stdout)
     assert record["file"] == [str(pdf)]
+    assert record["pages"] == [{"file": str(pdf), "page": 1}, {"file": str(pdf), "page": 2}]
     r = run("describe", str(pdf), "--together", "--model", small, "--dpi", "72")
     assert r.exit_code == 1
     [line] = r.stderr.splitlines()
@@ -402,3 +403,64 @@ def test_unsupported_schema_is_one_short_usage_line(model_dir, tmp_path):
     assert r.stderr.splitlines() == [
         f"qwenvl: --schema {path}: JSON schema not supported for constrained output: Unimplemented keys: [\"uniqueItems\"]"
     ]
+
+
+def test_draw_paths_never_collide_and_are_checked_first(model_dir, canned, tmp_path):
+    canned('[{"bbox_2d": [0, 0, 28, 28], "label": "x"}]')
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        Image.new("RGB", (60, 40), "white").save(tmp_path / sub / "x.png")
+    out = tmp_path / "out.png"
+    r = run("ground", str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png"), "x", "--model", model_dir,
+            "--json", "--draw", str(out))
+    assert [rec["drawing"] for rec in json_lines(r.stdout)] == [str(tmp_path / "out-x.png"), str(tmp_path / "out-x-2.png")]
+    folder = tmp_path / "new" / "drawings"
+    r = run("ground", str(tmp_path / "a" / "x.png"), "x", "--model", model_dir, "--draw", f"{folder}/")
+    assert r.exit_code == 0 and (folder / "x.png.boxes.png").is_file()
+    # A bad --draw is a usage error before the model loads (the model path does not even exist).
+    r = run("ground", SHAPES, "x", "--model", str(tmp_path / "no-model"), "--draw", str(tmp_path / "out.txt"))
+    assert r.exit_code == 2 and "unknown image suffix" in r.stderr
+    r = run("ground", SHAPES, "x", "--model", str(tmp_path / "no-model"), "--draw", str(tmp_path / "nodir" / "o.png"))
+    assert r.exit_code == 2 and "no directory" in r.stderr
+
+
+def test_ground_refuses_a_query_that_is_a_file(model_dir):
+    r = run("ground", SHAPES, RECEIPT, "--model", model_dir)
+    assert r.exit_code == 2 and "names a file" in r.stderr
+
+
+def test_errors_while_answering_name_their_input(model_dir, tmp_path):
+    pdf = pdf_of(tmp_path / "two.pdf", [(100, 100)] * 2)
+    r = run("extract", SHAPES, str(pdf), "--fields", "a,b", "--max-new-tokens", "3", "--model", model_dir, "--dpi", "72")
+    assert r.exit_code == 1
+    lines = r.stderr.splitlines()
+    assert [line.split(": ", 2)[1] for line in lines] == [SHAPES, f"{pdf} (page 1)", f"{pdf} (page 2)"]
+    assert all("cut off at 3 tokens" in line for line in lines)
+
+
+def test_ground_cut_off_before_any_box_is_an_error(model_dir, canned):
+    canned('```json\n[\n\t{"bbox_2d": [10, 2', finish_reason="length")
+    r = run("ground", SHAPES, "thing", "--model", model_dir, "--json")
+    assert r.exit_code == 1
+    assert "before any complete box" in r.stderr and SHAPES in r.stderr
+
+
+def test_find_output_on_stdin(model_dir, tmp_path):
+    """`find DIR | qwenvl ... -`: find prints the directory itself too; a vanished file fails alone."""
+    (tmp_path / "scans").mkdir()
+    image = tmp_path / "scans" / "a.png"
+    image.write_bytes(Path(SHAPES).read_bytes())
+    listing = f"{tmp_path / 'scans'}\n{image}\n{tmp_path / 'scans' / 'gone.png'}\n"
+    r = run("describe", "-", "--model", model_dir, "--json", "--max-new-tokens", "1", stdin=listing.encode())
+    assert r.exit_code == 1
+    records = json_lines(r.stdout)
+    assert [rec["file"] for rec in records] == [str(image), str(tmp_path / "scans" / "gone.png")]
+    assert "text" in records[0] and "not found" in records[1]["error"]
+
+
+def test_a_lowered_dpi_is_said(model_dir, tmp_path):
+    pdf = pdf_of(tmp_path / "poster.pdf", [(3000, 2000)])  # 3000 x 2000 pt: 104 MP at 300 dpi
+    r = run("describe", str(pdf), "--dpi", "300", "--model", model_dir, "--json", "--max-new-tokens", "1")
+    assert r.exit_code == 0, r.stderr
+    [line] = r.stderr.splitlines()
+    assert "(page 1): rendered at" in line and "instead of 300" in line

@@ -167,7 +167,20 @@ def test_cached_generation_equals_the_reference_under_a_constraint(engine, promp
         cached = list(engine.generator.stream(prompt, params, constraint))
         oracle = reference_generate(engine.model, prompt, params, constraint)
         assert cached == oracle
-        assert cached[-1] == Step(IM_END, "stop")  # the constraint's EOS ends it, though params name none
+        # The answer ends ("stop") with the JSON's last token: the grammar is complete, so the EOS it alone
+        # allows next is not spent; params name no EOS at all.
+        assert cached[-1].finish_reason == "stop" and cached[-1].token_id != IM_END
+        assert constraint.finished
+        assert json.loads(engine.tokenizer.decode([s.token_id for s in cached]))
+
+
+def test_a_complete_answer_fits_a_budget_without_room_for_the_eos(engine, prompt):
+    constraint = engine.json_constraint(SCHEMAS["nested"], fenced=True)
+    steps = list(engine.generator.stream(prompt, SamplingParams(max_new_tokens=200), constraint))
+    json_tokens = [s.token_id for s in steps if s.token_id != IM_END]
+    exact = SamplingParams(max_new_tokens=len(json_tokens))  # the JSON's tokens, no room for an EOS
+    again = list(engine.generator.stream(prompt, exact, constraint))
+    assert [s.token_id for s in again] == json_tokens and again[-1].finish_reason == "stop"
 
 
 def test_padding_ids_are_never_chosen(make_ckpt, prompt):

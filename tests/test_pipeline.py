@@ -47,15 +47,14 @@ def test_progress_rule(monkeypatch):
         monkeypatch.setattr(sys.stderr, "isatty", lambda: stderr_tty, raising=False)
 
     streams(stdout_tty=False, stderr_tty=True)  # `qwenvl ... > out.jsonl` in a terminal
-    f = Feedback.for_streams(quiet=False, streaming_text=True)
+    f = Feedback.for_streams(quiet=False)
     assert f.spinner and f.bars
-    streams(stdout_tty=True, stderr_tty=True)  # the streamed answer is the progress
-    f = Feedback.for_streams(quiet=False, streaming_text=True)
+    streams(stdout_tty=True, stderr_tty=True)  # answers on the same terminal: they are the progress
+    f = Feedback.for_streams(quiet=False)
     assert f.spinner and not f.bars
-    assert Feedback.for_streams(quiet=False, streaming_text=False).bars  # JSON / files: bars
-    assert not Feedback.for_streams(quiet=True, streaming_text=False).spinner
+    assert not Feedback.for_streams(quiet=True).spinner
     streams(stdout_tty=False, stderr_tty=False)  # cron, CI, pipes
-    f = Feedback.for_streams(quiet=False, streaming_text=False)
+    f = Feedback.for_streams(quiet=False)
     assert not f.spinner and not f.bars
 
 

@@ -150,7 +150,7 @@ class Session:
         # With --output-dir, answers go to files: stdout lists the files, errors stay on stderr only.
         self.printer = Printer(opts.json and self.writer is None, multi=len(self.items) > 1 or documents.pages is not None)
         self.streaming = streams_text and not opts.json and self.writer is None
-        self.feedback = Feedback.for_streams(opts.quiet, self.streaming)
+        self.feedback = Feedback.for_streams(opts.quiet)
         ref = model_reference(opts.model)
         t0 = time.perf_counter()
         with self.feedback.status(f"Loading {ref}"):
@@ -206,15 +206,22 @@ class Session:
         for outcome in outcomes:
             if outcome.error is not None:
                 self.failures += 1
-                self.printer.failed(outcome.names[0], outcome.error, outcome.page)
+                name = list(outcome.names) if self.opts.together and len(outcome.names) > 1 else outcome.names[0]
+                self.printer.failed(name, outcome.error, outcome.page)
                 continue
             yield outcome
             self._verbose(outcome)
 
     def base_record(self, outcome) -> dict[str, Any]:
+        """`file` (a list with --together) and `page` for a PDF page; with --together, `pages` lists the
+        PDF pages that were in the prompt."""
         record: dict[str, Any] = {"file": list(outcome.names) if self.opts.together else outcome.names[0]}
         if outcome.page is not None:
             record["page"] = outcome.page
+        if self.opts.together:
+            pages = [{"file": s.visual.name, "page": s.visual.page} for s in outcome.seen if s.visual.page is not None]
+            if pages:
+                record["pages"] = pages
         return record
 
     def usage(self, outcome) -> dict[str, Any]:

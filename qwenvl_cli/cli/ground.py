@@ -15,19 +15,53 @@ from qwenvl_cli.cli.common import (
 )
 
 
-def draw_path(draw: Path, name: str, page: int | None, several: bool) -> Path:
+def draw_target(raw: str) -> Path:
+    """Check --draw before any work: a directory (existing, or named with a trailing /: created), or a
+    file whose suffix names an image format Pillow writes, in an existing directory."""
+    from qwenvl_cli.draw import image_format
+    from qwenvl_cli.errors import UsageError
+
+    path = Path(raw).expanduser()
+    if raw.endswith(("/", "\\")) or path.is_dir():
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--draw {raw}: cannot create the directory ({exc.strerror})") from None
+        return path
+    if image_format(path) is None:
+        raise UsageError(f"--draw {raw}: unknown image suffix {path.suffix or '(none)'!r} (use .png, .jpg or .webp)")
+    if not path.parent.is_dir():
+        raise UsageError(f"--draw {raw}: no directory {path.parent}")
+    return path
+
+
+def draw_path(draw: Path, name: str, page: int | None, several: bool, used: set[Path]) -> Path:
     """Where --draw writes one picture's drawing. OUT.png itself for a single image; with several inputs
     `OUT-<input stem>.png`, and PDF pages add `-pN` (`OUT-p2.png`, `OUT-scan-p2.png`). A directory given
-    as --draw gets `<input name>[.pN].boxes.png` inside."""
+    as --draw gets `<input name>[.pN].boxes.png` inside. A path already written in this run gets -2, -3..."""
     if draw.is_dir():
         base = "stdin" if name == "-" else Path(name).name
-        return draw / (base + (f".p{page}" if page is not None else "") + ".boxes.png")
-    parts = []
-    if several:
-        parts.append("stdin" if name == "-" else Path(name).stem)
-    if page is not None:
-        parts.append(f"p{page}")
-    return draw.with_name("-".join([draw.stem, *parts]) + draw.suffix) if parts else draw
+        path = draw / (base + (f".p{page}" if page is not None else "") + ".boxes.png")
+    else:
+        parts = []
+        if several:
+            parts.append("stdin" if name == "-" else Path(name).stem)
+        if page is not None:
+            parts.append(f"p{page}")
+        path = draw.with_name("-".join([draw.stem, *parts]) + draw.suffix) if parts else draw
+    candidate, n = path, 1
+    while candidate in used:
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    used.add(candidate)
+    return candidate
+
+
+def _names_a_file(query: str) -> bool:
+    try:
+        return Path(query).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 @app.command(
@@ -43,7 +77,9 @@ def ground(
         ..., metavar="IMAGE_OR_PDF... QUERY", help="Image or PDF files (globs, directories with -r, - for stdin), then what to find."
     ),
     points: bool = typer.Option(False, "--points", help="Points (point_2d) instead of boxes."),
-    draw: Optional[Path] = typer.Option(None, "--draw", help="Write a copy of the image with the labelled boxes (PNG, JPEG, WebP)."),
+    draw: Optional[str] = typer.Option(
+        None, "--draw", help="Write a copy of each picture with the labelled boxes: OUT.png (.jpg, .webp) or a DIR/."
+    ),
     system: str = SYSTEM,
     model: Optional[str] = MODEL,
     json: bool = JSON,
@@ -79,18 +115,22 @@ def ground(
         *files, query = inputs
         if not query.strip():
             raise UsageError("the query is empty: say what to find, e.g. 'every red car'")
+        if _names_a_file(query):
+            raise UsageError(f"the last argument is what to find, but {query!r} names a file: add the query after the files")
+        target = draw_target(draw) if draw is not None else None
         session = Session(common_options(locals(), files), streams_text=False)
         plan = ground_plan(query, points, make_constraint_factory(session.engine))
         several = len(session.items) > 1
+        drawn: set[Path] = set()
         for outcome in session.run(plan):
             found = outcome.result
             record = {**session.base_record(outcome), "query": query, **found_record(found, points), **session.usage(outcome)}
             if found.truncated:
                 warn(f"{outcome.label}: the answer hit --max-new-tokens; showing the complete boxes")
-            if draw is not None:
+            if target is not None:
                 visual = outcome.seen[0].visual
-                target = draw_path(draw, outcome.names[0], outcome.page, several)
-                save_image(draw_detections(visual.image, list(found.detections)), target, outcome.label)
-                record["drawing"] = str(target)
+                path = draw_path(target, outcome.names[0], outcome.page, several, drawn)
+                save_image(draw_detections(visual.image, list(found.detections)), path, outcome.label)
+                record["drawing"] = str(path)
             session.emit(outcome, record, found_text(record))
         session.close()

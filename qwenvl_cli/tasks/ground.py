@@ -69,6 +69,11 @@ def read_detections(answer: Answer, seen: Seen) -> Found:
         raise AnswerError(f"the model's answer holds no JSON list of boxes: {answer.text[:80]!r}") from None
     image = seen.image
     found = to_original(detections_from_json(value), image.resized_size, image.original_size)
+    if not found and answer.finish_reason == "length" and value in ([], {}):
+        raise AnswerError(
+            f"the answer was cut off at {answer.completion_tokens} tokens before any complete box "
+            "(raise --max-new-tokens)"
+        )
     pdf = None
     geometry = seen.visual.geometry
     if geometry is not None:

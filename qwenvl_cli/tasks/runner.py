@@ -112,7 +112,7 @@ def run(
                         on_start(outcome)
                         answer, result = _answer(engine, seen, plan, req, on_text)
                     except QwenVLError as exc:  # this page failed; the document's other pages still answer
-                        yield Outcome((item.name,), visual.page, error=str(exc))
+                        yield Outcome((item.name,), visual.page, error=_named(str(exc), visual.label, item.name))
                         continue
                     yield Outcome((item.name,), visual.page, answer, result, seen=seen, preprocess=spent)
             except QwenVLError as exc:
@@ -156,6 +156,11 @@ def _run_together(engine, items, plan, req, on_start, on_text, on_warning, feedb
         on_start(Outcome(names))
         answer, result = _answer(engine, seen, plan, req, on_text)
     except QwenVLError as exc:
-        yield Outcome(names, error=str(exc))
+        yield Outcome(names, error=_named(str(exc), ", ".join(names), names[0]))
         return
     yield Outcome(names, None, answer, result, seen=tuple(seen), preprocess=spent)
+
+
+def _named(message: str, label: str, name: str) -> str:
+    """Every error line names its input: prefix the label unless the message already starts with it."""
+    return message if message.startswith(name) else f"{label}: {message}"

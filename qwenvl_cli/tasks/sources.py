@@ -16,7 +16,7 @@ from qwenvl_cli.errors import InputError
 from qwenvl_cli.inputs import InputItem
 from qwenvl_cli.media.detect import detect_kind
 from qwenvl_cli.media.image import load_image
-from qwenvl_cli.media.pdf import DEFAULT_DPI, PageGeometry, PageSpec, PdfFile
+from qwenvl_cli.media.pdf import DEFAULT_DPI, MAX_RENDER_PIXELS, PageGeometry, PageSpec, PdfFile
 from qwenvl_cli.progress import SILENT, Feedback
 
 
@@ -58,5 +58,10 @@ def visuals(
         numbers = options.pages.resolve(pdf.page_count, item.name) if options.pages else list(range(1, pdf.page_count + 1))
         feedback.pages_started(item.name, len(numbers))
         for page in pdf.pages(numbers, options.dpi):
+            if page.geometry.dpi < options.dpi * 0.999:
+                on_warning(
+                    f"{item.name} (page {page.number}): rendered at {page.geometry.dpi:g} dpi instead of "
+                    f"{options.dpi:g}: the page is too large for {MAX_RENDER_PIXELS:,} pixels"
+                )
             yield Visual(item.name, page.image, page.number, page.geometry)
             feedback.page_done()
