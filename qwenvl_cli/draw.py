@@ -43,7 +43,31 @@ def label_colours(labels: list[str]) -> dict[str, tuple[int, int, int]]:
     return colours
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+# Fonts with CJK glyphs (Qwen often labels in Chinese), tried in order where the system has them; Pillow's
+# built-in font draws Latin only (CJK labels would come out as empty boxes).
+UNICODE_FONTS = (
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/google-noto-cjk/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+    "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
+    "/System/Library/Fonts/PingFang.ttc",
+    "/Library/Fonts/Arial Unicode.ttf",
+    "C:/Windows/Fonts/msyh.ttc",
+)
+
+
+def _needs_unicode_font(labels: list[str]) -> bool:
+    return any(ord(ch) > 0x2FF for label in labels for ch in label)
+
+
+def _font(size: int, labels: list[str] = ()) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    if _needs_unicode_font(list(labels)):
+        for path in UNICODE_FONTS:
+            try:
+                return ImageFont.truetype(path, size)
+            except (OSError, ImportError):
+                continue
     try:
         return ImageFont.load_default(size=size)  # scalable where Pillow has FreeType (>= 10.1)
     except (TypeError, OSError, ImportError):
@@ -70,7 +94,7 @@ def draw_detections(image: Image.Image, dets: list[Detection]) -> Image.Image:
     out = image.convert("RGB")  # always a copy
     W, H = out.size
     line = max(2, round(min(W, H) / 300))
-    font = _font(max(10, round(min(W, H) / 40)))
+    font = _font(max(10, round(min(W, H) / 40)), [d.label for d in dets])
     pad = max(1, line // 2)
     colours = label_colours([d.label for d in dets])
     draw = ImageDraw.Draw(out)

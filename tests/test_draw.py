@@ -134,3 +134,26 @@ def test_unwritable_path(tmp_path: Path) -> None:
     with pytest.raises(UsageError) as err:
         save_image(white(), path, "photo.jpg")
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_non_latin_labels_use_a_unicode_font_when_the_system_has_one(monkeypatch):
+    import qwenvl_cli.draw as draw_module
+
+    tried = []
+    real = draw_module.ImageFont.truetype
+
+    def truetype(path, size=10, **kwargs):
+        if not isinstance(path, str) or not path.startswith("/fonts/"):
+            return real(path, size, **kwargs)  # Pillow's own default font goes through here too
+        tried.append(path)
+        if path == "/fonts/present.ttc":
+            return ("font", path, size)
+        raise OSError("cannot open resource")
+
+    monkeypatch.setattr(draw_module, "UNICODE_FONTS", ("/fonts/missing.ttc", "/fonts/present.ttc", "/fonts/later.ttc"))
+    monkeypatch.setattr(draw_module.ImageFont, "truetype", truetype)
+    assert draw_module._font(12, ["猫 🐱"]) == ("font", "/fonts/present.ttc", 12)
+    assert tried == ["/fonts/missing.ttc", "/fonts/present.ttc"]
+    tried.clear()
+    draw_module._font(12, ["cat"])  # Latin labels keep Pillow's own font
+    assert tried == []

@@ -100,8 +100,7 @@ def extract(
     with reported_errors():
         from qwenvl_cli.errors import UsageError
         from qwenvl_cli.output import warn
-        from qwenvl_cli.tasks.extract import extract_plan
-        from qwenvl_cli.tasks.ground import found_record
+        from qwenvl_cli.tasks.extract import extract_plan, lines_record
 
         mode = choose_mode(fields, schema, fmt.value, json, together)
         session = Session(common_options(locals(), inputs), streams_text=mode.kind == "text")
@@ -119,10 +118,9 @@ def extract(
             if mode.kind == "text":
                 record["text"] = got.text
             elif mode.kind == "lines":
-                found = found_record(got.lines, points=False)
-                record["text"] = got.text
-                record["lines"] = [{"text": o.pop("label"), **o} for o in found.pop("objects")]
-                record.update(found)
+                record.update(lines_record(got))
+                if got.lines.truncated:
+                    warn(f"{outcome.label}: the answer hit --max-new-tokens; showing the complete lines")
             elif mode.kind in ("fields", "schema"):
                 record["data"] = got.data
                 text, suffix = jsonlib.dumps(got.data, ensure_ascii=False, indent=2), ".json"

@@ -18,7 +18,7 @@ from qwenvl_cli.engine import Answer
 from qwenvl_cli.errors import AnswerError, UsageError
 from qwenvl_cli.jsonfix import LenientJSONError, parse_lenient
 from qwenvl_cli.tables import Table, tables_from_html
-from qwenvl_cli.tasks.ground import coords_schema, read_detections
+from qwenvl_cli.tasks.ground import coords_schema, found_record, read_detections
 from qwenvl_cli.tasks.runner import Job, Seen
 
 OCR_PROMPT = "Read all the text in the image."
@@ -143,3 +143,11 @@ def extract_plan(mode: ExtractMode, make_constraint: Callable[[dict], object]):
         return Job(HTML_PROMPT, finish=lambda a: Extracted(text=a.text, tables=tuple(tables_from_html(a.text))))
 
     return plan
+
+
+def lines_record(got: Extracted) -> dict:
+    """The --json fields of text spotting: `text` (the lines joined), `lines` as `{"text", "bbox_2d"
+    [, "bbox_pdf"]}` in original pixels, `image_size` (and `dpi` on PDF pages)."""
+    found = found_record(got.lines, points=False)
+    lines = [{"text": obj.pop("label"), **obj} for obj in found.pop("objects")]
+    return {"text": got.text, "lines": lines, **found}
