@@ -6,6 +6,7 @@ torch and the model code are imported inside functions, so `--help` stays instan
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import time
@@ -58,6 +59,49 @@ DPI = typer.Option(None, "--dpi", min=18.0, max=1200.0, help="PDF rendering reso
 PASSWORD = typer.Option(None, "--password", help="Password of encrypted PDFs.")
 VERBOSE = typer.Option(False, "--verbose", "-v", help="Timings and token counts on stderr.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress display on stderr (errors still show).")
+
+
+# name -> (type, Option): what every answering command takes; `shared_options` adds them to a command.
+SHARED = {
+    "system": (str, SYSTEM),
+    "model": (Optional[str], MODEL),
+    "json": (bool, JSON),
+    "max_new_tokens": (Optional[int], MAX_NEW_TOKENS),
+    "temperature": (Optional[float], TEMPERATURE),
+    "top_p": (Optional[float], TOP_P),
+    "top_k": (Optional[int], TOP_K),
+    "repetition_penalty": (Optional[float], REPETITION_PENALTY),
+    "seed": (Optional[int], SEED),
+    "device": (Device, DEVICE),
+    "dtype": (DType, DTYPE),
+    "min_pixels": (Optional[int], MIN_PIXELS),
+    "max_pixels": (Optional[int], MAX_PIXELS),
+    "pages": (Optional[str], PAGES),
+    "dpi": (Optional[float], DPI),
+    "password": (Optional[str], PASSWORD),
+    "recursive": (bool, RECURSIVE),
+    "output_dir": (Optional[str], OUTPUT_DIR),
+    "verbose": (bool, VERBOSE),
+    "quiet": (bool, QUIET),
+}
+
+
+def shared_options(*, exclude: tuple[str, ...] = ()):
+    """Give a command `def cmd(own options..., **shared)` the SHARED options (minus `exclude`): Typer reads
+    the combined signature and passes them in `shared`."""
+
+    def wrap(fn):
+        sig = inspect.signature(fn)
+        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        extra = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+            for name, (kind, option) in SHARED.items()
+            if name not in exclude
+        ]
+        fn.__signature__ = sig.replace(parameters=own + extra)
+        return fn
+
+    return wrap
 
 
 @contextmanager
@@ -268,7 +312,7 @@ def make_constraint_factory(engine):
 
 
 def common_options(values: dict[str, Any], inputs: list[str]) -> Common:
-    """A Common from a command's keyword arguments (its `locals()`); enums become their values."""
+    """A Common from a command's shared options (and --together where it has one); enums become values."""
     from dataclasses import fields
 
     given = {}

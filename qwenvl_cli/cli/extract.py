@@ -9,11 +9,7 @@ from typing import Optional
 import typer
 
 from qwenvl_cli.cli import app
-from qwenvl_cli.cli.common import (
-    DEVICE, DPI, DTYPE, JSON, MAX_NEW_TOKENS, MAX_PIXELS, MIN_PIXELS, MODEL, OUTPUT_DIR, PAGES, PASSWORD, QUIET,
-    RECURSIVE, REPETITION_PENALTY, SEED, SYSTEM, TEMPERATURE, TOP_K, TOP_P, VERBOSE, Device, DType, Session,
-    common_options, make_constraint_factory, reported_errors,
-)
+from qwenvl_cli.cli.common import Session, common_options, make_constraint_factory, reported_errors, shared_options
 
 
 class Format(str, Enum):
@@ -66,6 +62,7 @@ def render_tables(tables, fmt: str) -> list:
         "  qwenvl extract receipt.jpg --json | jq -r '.lines[].text'"
     )
 )
+@shared_options(exclude=("json",))
 def extract(
     inputs: list[str] = typer.Argument(
         ..., metavar="IMAGE_OR_PDF...", help="Image or PDF files, globs, directories (-r), or - to read paths (or one file) from stdin."
@@ -73,27 +70,9 @@ def extract(
     fields: Optional[str] = typer.Option(None, "--fields", help="Key fields to read, comma-separated: JSON with one value (or null) per field."),
     schema: Optional[str] = typer.Option(None, "--schema", help="A JSON Schema file: the output is JSON valid against it."),
     fmt: Format = typer.Option(Format.text, "--format", "-f", help="text: OCR; csv/markdown/json/html: the tables."),
-    system: str = SYSTEM,
-    model: Optional[str] = MODEL,
     json: bool = typer.Option(False, "--json", help="One JSON object per answer, one per line (plain OCR becomes text lines with boxes)."),
-    max_new_tokens: Optional[int] = MAX_NEW_TOKENS,
-    temperature: Optional[float] = TEMPERATURE,
-    top_p: Optional[float] = TOP_P,
-    top_k: Optional[int] = TOP_K,
-    repetition_penalty: Optional[float] = REPETITION_PENALTY,
-    seed: Optional[int] = SEED,
-    device: Device = DEVICE,
-    dtype: DType = DTYPE,
-    min_pixels: Optional[int] = MIN_PIXELS,
-    max_pixels: Optional[int] = MAX_PIXELS,
-    pages: Optional[str] = PAGES,
-    dpi: Optional[float] = DPI,
-    password: Optional[str] = PASSWORD,
     together: bool = typer.Option(False, "--together", help="All images and pages in one prompt, one answer."),
-    recursive: bool = RECURSIVE,
-    output_dir: Optional[str] = OUTPUT_DIR,
-    verbose: bool = VERBOSE,
-    quiet: bool = QUIET,
+    **shared,
 ) -> None:
     """Read documents: the text (OCR), key fields or a JSON Schema as valid JSON, or the tables as CSV,
     Markdown, JSON or HTML. One answer per image or PDF page."""
@@ -103,7 +82,7 @@ def extract(
         from qwenvl_cli.tasks.extract import extract_plan, lines_record
 
         mode = choose_mode(fields, schema, fmt.value, json, together)
-        session = Session(common_options(locals(), inputs), streams_text=mode.kind == "text")
+        session = Session(common_options({**shared, "json": json, "together": together}, inputs), streams_text=mode.kind == "text")
         make = make_constraint_factory(session.engine)
         if mode.kind == "schema":
             try:

@@ -8,11 +8,7 @@ from typing import Optional
 import typer
 
 from qwenvl_cli.cli import app
-from qwenvl_cli.cli.common import (
-    DEVICE, DPI, DTYPE, JSON, MAX_NEW_TOKENS, MAX_PIXELS, MIN_PIXELS, MODEL, OUTPUT_DIR, PAGES, PASSWORD, QUIET,
-    RECURSIVE, REPETITION_PENALTY, SEED, SYSTEM, TEMPERATURE, TOP_K, TOP_P, VERBOSE, Device, DType, Session,
-    common_options, make_constraint_factory, reported_errors,
-)
+from qwenvl_cli.cli.common import Session, common_options, make_constraint_factory, reported_errors, shared_options
 
 
 def draw_target(raw: str) -> Path:
@@ -72,6 +68,7 @@ def _names_a_file(query: str) -> bool:
         "  qwenvl ground plan.pdf 'the signature' --pages 3 --json | jq '.objects[].bbox_pdf'"
     )
 )
+@shared_options()
 def ground(
     inputs: list[str] = typer.Argument(
         ..., metavar="IMAGE_OR_PDF... QUERY", help="Image or PDF files (globs, directories with -r, - for stdin), then what to find."
@@ -80,26 +77,7 @@ def ground(
     draw: Optional[str] = typer.Option(
         None, "--draw", help="Write a copy of each picture with the labelled boxes: OUT.png (.jpg, .webp) or a DIR/."
     ),
-    system: str = SYSTEM,
-    model: Optional[str] = MODEL,
-    json: bool = JSON,
-    max_new_tokens: Optional[int] = MAX_NEW_TOKENS,
-    temperature: Optional[float] = TEMPERATURE,
-    top_p: Optional[float] = TOP_P,
-    top_k: Optional[int] = TOP_K,
-    repetition_penalty: Optional[float] = REPETITION_PENALTY,
-    seed: Optional[int] = SEED,
-    device: Device = DEVICE,
-    dtype: DType = DTYPE,
-    min_pixels: Optional[int] = MIN_PIXELS,
-    max_pixels: Optional[int] = MAX_PIXELS,
-    pages: Optional[str] = PAGES,
-    dpi: Optional[float] = DPI,
-    password: Optional[str] = PASSWORD,
-    recursive: bool = RECURSIVE,
-    output_dir: Optional[str] = OUTPUT_DIR,
-    verbose: bool = VERBOSE,
-    quiet: bool = QUIET,
+    **shared,
 ) -> None:
     """Find things in images and PDF pages: boxes in the original image's pixels (PDF pages: also PDF points).
 
@@ -118,7 +96,7 @@ def ground(
         if _names_a_file(query):
             raise UsageError(f"the last argument is what to find, but {query!r} names a file: add the query after the files")
         target = draw_target(draw) if draw is not None else None
-        session = Session(common_options(locals(), files), streams_text=False)
+        session = Session(common_options(shared, files), streams_text=False)
         plan = ground_plan(query, points, make_constraint_factory(session.engine))
         several = len(session.items) > 1
         drawn: set[Path] = set()
