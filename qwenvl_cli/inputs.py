@@ -78,11 +78,11 @@ def _read_pipe(path: Path, name: str) -> bytes:
 def expand_inputs(args: list[str], stdin: BinaryIO | None, recursive: bool = False) -> list[InputItem]:
     items: list[InputItem] = []
     for arg in args:
-        if _is_dir(arg):
+        if is_dir(arg):
             items.extend(_from_directory(arg, recursive))
         elif arg == "-":
             items.extend(_from_stdin(stdin))
-        elif _GLOB_CHARS & set(arg) and not _exists(arg):
+        elif _GLOB_CHARS & set(arg) and not exists(arg):
             matches = sorted(glob.glob(arg))
             items.extend(InputItem(m, Path(m)) for m in matches)
             if not matches:
@@ -92,25 +92,30 @@ def expand_inputs(args: list[str], stdin: BinaryIO | None, recursive: bool = Fal
     return items
 
 
-def _is_dir(arg: str) -> bool:
+def _probe(test, arg: str) -> bool:
+    """`test(Path(arg))` (is_dir, is_file, exists), False where the name itself is unusable (too long,
+    a NUL byte): reading it later gives the message."""
     try:
-        return Path(arg).is_dir()
-    except OSError:  # e.g. a name too long: reading it later gives the message
+        return test(Path(arg))
+    except (OSError, ValueError):
         return False
 
 
-def _is_file(arg: str) -> bool:
-    try:
-        return Path(arg).is_file()
-    except (OSError, ValueError):  # too long, or a NUL byte
-        return False
+def is_dir(arg: str) -> bool:
+    return _probe(Path.is_dir, arg)
 
 
-def _exists(arg: str) -> bool:
-    try:
-        return Path(arg).exists()
-    except OSError:
-        return False
+def is_file(arg: str) -> bool:
+    return _probe(Path.is_file, arg)
+
+
+def exists(arg: str) -> bool:
+    return _probe(Path.exists, arg)
+
+
+def display_base(name: str) -> str:
+    """An input's file name for naming outputs after it (`-`, stdin, is "stdin")."""
+    return "stdin" if name == "-" else Path(name).name
 
 
 def _from_directory(arg: str, recursive: bool) -> list[InputItem]:
@@ -133,8 +138,8 @@ def _from_stdin(stdin: BinaryIO | None) -> list[InputItem]:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines or len(data) >= 1_000_000 or "\0" in text:
         return [InputItem("-", data=data)]
-    if not any(_is_file(line) or _is_dir(line) for line in lines):
+    if not any(is_file(line) or is_dir(line) for line in lines):
         return [InputItem("-", data=data)]  # text, but not a list of paths: read as a file (and refused)
     # A list of paths: directories are skipped (`find` prints them too); a missing path fails on its own.
-    files = [InputItem(line, Path(line)) for line in lines if not _is_dir(line)]
+    files = [InputItem(line, Path(line)) for line in lines if not is_dir(line)]
     return files or [InputItem("-", error="-: the list of paths on stdin names only directories")]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from qwenvl_cli.errors import UsageError
+from qwenvl_cli.inputs import display_base
 
 
 def warn(message: str, err: TextIO | None = None) -> None:
@@ -88,7 +89,7 @@ class FileWriter:
             raise UsageError(f"--output-dir {directory}: cannot create the directory ({exc.strerror})") from None
 
     def path_for(self, name: str, page: int | None = None, suffix: str | None = None) -> Path:
-        base = "stdin" if name == "-" else Path(name).name
+        base = display_base(name)
         if page is not None:
             base += f".p{page}"
         suffix = suffix or (".json" if self.json_mode else ".txt")

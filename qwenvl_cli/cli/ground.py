@@ -9,6 +9,7 @@ import typer
 
 from qwenvl_cli.cli import app
 from qwenvl_cli.cli.common import Session, common_options, make_constraint_factory, reported_errors, shared_options
+from qwenvl_cli.inputs import display_base, is_file
 
 
 def draw_target(raw: str) -> Path:
@@ -36,12 +37,12 @@ def draw_path(draw: Path, name: str, page: int | None, several: bool, used: set[
     `OUT-<input stem>.png`, and PDF pages add `-pN` (`OUT-p2.png`, `OUT-scan-p2.png`). A directory given
     as --draw gets `<input name>[.pN].boxes.png` inside. A path already written in this run gets -2, -3..."""
     if draw.is_dir():
-        base = "stdin" if name == "-" else Path(name).name
+        base = display_base(name)
         path = draw / (base + (f".p{page}" if page is not None else "") + ".boxes.png")
     else:
         parts = []
         if several:
-            parts.append("stdin" if name == "-" else Path(name).stem)
+            parts.append(Path(display_base(name)).stem)
         if page is not None:
             parts.append(f"p{page}")
         path = draw.with_name("-".join([draw.stem, *parts]) + draw.suffix) if parts else draw
@@ -51,13 +52,6 @@ def draw_path(draw: Path, name: str, page: int | None, several: bool, used: set[
         candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
     used.add(candidate)
     return candidate
-
-
-def _names_a_file(query: str) -> bool:
-    try:
-        return Path(query).is_file()
-    except (OSError, ValueError):
-        return False
 
 
 @app.command(
@@ -93,7 +87,7 @@ def ground(
         *files, query = inputs
         if not query.strip():
             raise UsageError("the query is empty: say what to find, e.g. 'every red car'")
-        if _names_a_file(query):
+        if is_file(query):
             raise UsageError(f"the last argument is what to find, but {query!r} names a file: add the query after the files")
         target = draw_target(draw) if draw is not None else None
         session = Session(common_options(shared, files), streams_text=False)
