@@ -22,6 +22,7 @@ from qwenvl_cli.errors import InputError
 _GLOB_CHARS = set("*?[")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SUFFIXES = IMAGE_SUFFIXES | {".pdf"}  # what --recursive picks up in a directory
+VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".wmv", ".flv", ".3gp"}
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,14 @@ def _read_pipe(path: Path, name: str) -> bytes:
         os.close(fd)
 
 
-def expand_inputs(args: list[str], stdin: BinaryIO | None, recursive: bool = False) -> list[InputItem]:
+def expand_inputs(
+    args: list[str], stdin: BinaryIO | None, recursive: bool = False, videos: bool = False
+) -> list[InputItem]:
+    """`videos`: directories read with --recursive also give their video files."""
     items: list[InputItem] = []
     for arg in args:
         if is_dir(arg):
-            items.extend(_from_directory(arg, recursive))
+            items.extend(_from_directory(arg, recursive, SUFFIXES | VIDEO_SUFFIXES if videos else SUFFIXES))
         elif arg == "-":
             items.extend(_from_stdin(stdin))
         elif _GLOB_CHARS & set(arg) and not exists(arg):
@@ -118,12 +122,13 @@ def display_base(name: str) -> str:
     return "stdin" if name == "-" else Path(name).name
 
 
-def _from_directory(arg: str, recursive: bool) -> list[InputItem]:
+def _from_directory(arg: str, recursive: bool, suffixes: set[str]) -> list[InputItem]:
+    what = "images, PDFs and videos" if suffixes & VIDEO_SUFFIXES else "images and PDFs"
     if not recursive:
-        return [InputItem(arg, error=f"{arg}: is a directory (add --recursive to read the images and PDFs in it)")]
-    files = sorted(p for p in Path(arg).rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        return [InputItem(arg, error=f"{arg}: is a directory (add --recursive to read the {what} in it)")]
+    files = sorted(p for p in Path(arg).rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
     if not files:
-        return [InputItem(arg, error=f"{arg}: no image or PDF files in this directory")]
+        return [InputItem(arg, error=f"{arg}: no {what} in this directory")]
     return [InputItem(str(p), p) for p in files]
 
 

@@ -1,5 +1,5 @@
-"""Feedback on stderr while work runs: a spinner for model loading, a progress bar for batches and PDF
-pages. Shown only when stderr is a terminal and --quiet is off; bars also only when stdout is not that
+"""Feedback on stderr while work runs: a spinner for model loading, a progress bar for batches, PDF
+pages and video segments. Shown only when stderr is a terminal and --quiet is off; bars also only when stdout is not that
 terminal (answers printed there would tear through a live bar; they are the progress then). Everything
 here is a no-op when disabled, so tasks call it unconditionally.
 """
@@ -75,12 +75,12 @@ class Feedback:
             self._progress.advance(self._inputs)
         self.pages_done()
 
-    def pages_started(self, name: str, total: int) -> None:
-        """A second bar over the pages of one document."""
+    def pages_started(self, name: str, total: int, unit: str = "pages") -> None:
+        """A second bar over the pages of one document (or the segments of one video)."""
         if self._progress is None:
             return
         self.pages_done()
-        self._pages = self._progress.add_task(f"{_short(name)} pages", total=total)
+        self._pages = self._progress.add_task(f"{_short(name)} {unit}", total=total)
 
     def page_done(self) -> None:
         if self._progress is not None and self._pages is not None:

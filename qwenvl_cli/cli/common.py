@@ -1,7 +1,7 @@
-"""What every answering subcommand shares: its options, the error rule, and a Session that expands the
-inputs, loads the model once, and writes each outcome (stdout, --json lines, or --output-dir files).
+"""What every answering subcommand shares: its options (declared once, added to each command by
+`shared_options`), the options as given (`Common`), and the error rule. The run itself is cli/run.py.
 
-torch and the model code are imported inside functions, so `--help` stays instant.
+Nothing here imports torch, so `--help` stays instant.
 """
 
 from __future__ import annotations
@@ -9,11 +9,9 @@ from __future__ import annotations
 import inspect
 import os
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import typer
@@ -164,151 +162,14 @@ class Common:
     together: bool = False
     verbose: bool = False
     quiet: bool = False
-
-
-class Session:
-    """One run of a subcommand: inputs expanded, model loaded, outputs routed."""
-
-    def __init__(self, opts: Common, *, streams_text: bool) -> None:
-        from qwenvl_cli.engine import Engine, model_label
-        from qwenvl_cli.errors import UsageError
-        from qwenvl_cli.hub import model_reference
-        from qwenvl_cli.inputs import expand_inputs
-        from qwenvl_cli.media.pdf import DEFAULT_DPI, parse_pages
-        from qwenvl_cli.output import FileWriter, Printer
-        from qwenvl_cli.progress import Feedback
-        from qwenvl_cli.tasks.sources import DocumentOptions
-
-        self.opts = opts
-        if opts.min_pixels and opts.max_pixels and opts.min_pixels > opts.max_pixels:
-            raise UsageError(f"--min-pixels {opts.min_pixels} is larger than --max-pixels {opts.max_pixels}")
-        if opts.top_p is not None and opts.top_p <= 0:
-            raise UsageError(f"--top-p must be above 0 (got {opts.top_p}); use --temperature 0 for greedy decoding")
-        documents = DocumentOptions(
-            pages=parse_pages(opts.pages) if opts.pages else None,
-            dpi=opts.dpi or DEFAULT_DPI,
-            password=opts.password,
-        )
-        self.writer = FileWriter(Path(opts.output_dir), opts.json) if opts.output_dir else None
-        self.items = expand_inputs(opts.inputs, sys.stdin.buffer if "-" in opts.inputs else None, opts.recursive)
-        # With --output-dir, answers go to files: stdout lists the files, errors stay on stderr only.
-        self.printer = Printer(opts.json and self.writer is None, multi=len(self.items) > 1 or documents.pages is not None)
-        self.streaming = streams_text and not opts.json and self.writer is None
-        self.feedback = Feedback.for_streams(opts.quiet)
-        ref = model_reference(opts.model)
-        t0 = time.perf_counter()
-        with self.feedback.status(f"Loading {ref}"):
-            self.engine = Engine.load(ref, opts.device, opts.dtype)
-        self.log(f"loaded {ref} on {self.engine.model.device} ({self.engine.model.dtype}) in {time.perf_counter() - t0:.1f}s")
-        self.label = model_label(ref)
-        pre = self.engine.preprocessor
-        lo, hi = opts.min_pixels or pre.min_pixels, opts.max_pixels or pre.max_pixels
-        if lo > hi:
-            raise UsageError(f"pixel bounds are impossible: min {lo} > max {hi} (see --min-pixels/--max-pixels)")
-        self.documents = documents
-        self.failures = 0
-
-    def log(self, message: str) -> None:
-        if self.opts.verbose:
-            from qwenvl_cli.output import warn
-
-            warn(message)
-
-    def request(self):
-        from qwenvl_cli.tasks.runner import Request
-
-        o = self.opts
-        top_k, top_p = o.top_k, o.top_p
-        if o.temperature and top_k is None and top_p is None:
-            # The hub checkpoints default to top_k 1 / top_p 0.001, which would make any temperature greedy:
-            # asking for a temperature means asking for sampling, so open the filters unless given.
-            top_k, top_p = 0, 1.0
-        params = self.engine.sampling(
-            max_new_tokens=o.max_new_tokens,
-            temperature=o.temperature,
-            top_p=top_p,
-            top_k=top_k,
-            repetition_penalty=o.repetition_penalty,
-            seed=o.seed,
-        )
-        return Request(o.system, params, o.min_pixels, o.max_pixels, o.together, self.documents)
-
-    def run(self, plan) -> Iterator[Any]:
-        """Outcomes of `plan` over the inputs; failed ones are reported here and not yielded."""
-        from qwenvl_cli.output import warn
-        from qwenvl_cli.tasks.runner import run
-
-        def on_start(outcome) -> None:
-            self.printer.start(outcome.label, header=outcome.page is not None)
-
-        on_text = self.printer.piece
-        if not self.streaming:
-            on_text = _ignore
-            if self.writer is not None:
-                on_start = _ignore
-        outcomes = run(self.engine, self.items, plan, self.request(), on_start, on_text, warn, self.feedback)
-        for outcome in outcomes:
-            if outcome.error is not None:
-                self.failures += 1
-                name = list(outcome.names) if self.opts.together and len(outcome.names) > 1 else outcome.names[0]
-                self.printer.failed(name, outcome.error, outcome.page)
-                continue
-            yield outcome
-            self._verbose(outcome)
-
-    def base_record(self, outcome) -> dict[str, Any]:
-        """`file` (a list with --together) and `page` for a PDF page; with --together, `pages` lists the
-        PDF pages that were in the prompt."""
-        record: dict[str, Any] = {"file": list(outcome.names) if self.opts.together else outcome.names[0]}
-        if outcome.page is not None:
-            record["page"] = outcome.page
-        if self.opts.together:
-            pages = [{"file": s.visual.name, "page": s.visual.page} for s in outcome.seen if s.visual.page is not None]
-            if pages:
-                record["pages"] = pages
-        return record
-
-    def usage(self, outcome) -> dict[str, Any]:
-        a = outcome.answer
-        return {
-            "prompt_tokens": a.prompt_tokens,
-            "completion_tokens": a.completion_tokens,
-            "finish_reason": a.finish_reason,
-            "model": self.label,
-        }
-
-    def emit(self, outcome, record: dict[str, Any], text: str | None = None, suffix: str | None = None) -> None:
-        """One answer out: a JSON line, text (streamed already when `text` is None), or a file."""
-        if self.writer is None:
-            self.printer.done(record, text)
-        else:
-            self.writer.write(outcome.names[0], record, outcome.page, text, suffix)
-
-    def _verbose(self, outcome) -> None:
-        a = outcome.answer
-        t = a.timings
-        self.log(
-            f"{outcome.label}: preprocess {outcome.preprocess:.2f}s; {a.prompt_tokens} prompt tokens, prefill "
-            f"{t.prefill:.2f}s; {a.completion_tokens} tokens, decode {t.tokens_per_second:.1f} tok/s"
-        )
-
-    def close(self) -> None:
-        """Exit 1 when any input failed (the others have answered)."""
-        if self.failures:
-            raise typer.Exit(1)
-
-
-def _ignore(_: str) -> None:
-    pass
-
-
-def make_constraint_factory(engine):
-    """schema -> a constraint for one answer, in the ```json fenced form the model was trained to write."""
-
-    def make(schema: dict):
-        return engine.json_constraint(schema, fenced=True)
-
-    return make
+    # video sampling (the `video` command's own options; other commands sample videos with the defaults)
+    fps: float | None = None
+    nframes: int | None = None
+    start: float | None = None  # seconds
+    end: float | None = None
+    max_frames: int | None = None
+    total_pixels: int | None = None
+    segment: float | None = None  # seconds per answer
 
 
 def common_options(values: dict[str, Any], inputs: list[str]) -> Common:

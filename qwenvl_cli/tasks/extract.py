@@ -12,19 +12,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from qwenvl_cli.engine import Answer
 from qwenvl_cli.errors import AnswerError, UsageError
 from qwenvl_cli.jsonfix import LenientJSONError, parse_lenient
 from qwenvl_cli.tables import Table, tables_from_html
+from qwenvl_cli.tasks.base import Rendered, Task
 from qwenvl_cli.tasks.ground import coords_schema, found_record, read_detections
-from qwenvl_cli.tasks.runner import Job, Seen
+from qwenvl_cli.tasks.runner import Job, Outcome, Seen
 
 OCR_PROMPT = "Read all the text in the image."
 SPOTTING_PROMPT = "Spotting all the text in the image with line-level, and output in JSON format."
 HTML_PROMPT = "QwenVL HTML"
 TABLE_FORMATS = ("csv", "markdown", "json", "html")
+TABLE_SUFFIX = {"csv": ".csv", "markdown": ".md", "json": ".json", "html": ".html"}
 
 
 def spotting_schema(size: tuple[int, int]) -> dict:
@@ -43,6 +45,7 @@ class ExtractMode:
     kind: str  # "text" | "lines" | "fields" | "schema" | "tables"
     fields: tuple[str, ...] = ()
     schema: dict | None = None
+    schema_path: str | None = None  # where --schema came from, for messages
     table_format: str | None = None
 
     def __post_init__(self) -> None:
@@ -56,6 +59,25 @@ def parse_fields(spec: str) -> tuple[str, ...]:
     if not fields:
         raise UsageError(f"--fields {spec!r}: give field names separated by commas, e.g. 'invoice number,date,total'")
     return fields
+
+
+def choose_mode(fields: str | None, schema: str | None, fmt: str, json_out: bool, together: bool) -> ExtractMode:
+    """The options -> an ExtractMode, or a UsageError naming the clash."""
+    if fields is not None and schema is not None:
+        raise UsageError("--fields and --schema both say what to extract: give one")
+    if (fields is not None or schema is not None) and fmt != "text":
+        raise UsageError(f"--format {fmt} is for tables; --fields and --schema already give JSON")
+    if fields is not None:
+        return ExtractMode("fields", fields=parse_fields(fields))
+    if schema is not None:
+        return ExtractMode("schema", schema=load_schema(schema), schema_path=schema)
+    if fmt != "text":
+        return ExtractMode("tables", table_format=fmt)
+    if json_out:
+        if together:
+            raise UsageError("--json reads text lines with their boxes, one picture at a time: drop --together")
+        return ExtractMode("lines")
+    return ExtractMode("text")
 
 
 def load_schema(path: str) -> dict:
@@ -128,26 +150,72 @@ def _spotting(answer: Answer, seen: Sequence[Seen]) -> Extracted:
     return Extracted(text="\n".join(d.label for d in found.detections), lines=found)
 
 
-def extract_plan(mode: ExtractMode, make_constraint: Callable[[dict], object]):
-    def plan(seen: Sequence[Seen]) -> Job:
-        if mode.kind == "text":
-            return Job(OCR_PROMPT, finish=lambda a: Extracted(text=a.text))
-        if mode.kind == "lines":
-            size = seen[0].image.resized_size
-            return Job(SPOTTING_PROMPT, lambda a: _spotting(a, seen), make_constraint(spotting_schema(size)))
-        if mode.kind == "fields":
-            schema = fields_schema(mode.fields)
-            return Job(fields_prompt(mode.fields), lambda a: Extracted(data=_data(a)), make_constraint(schema))
-        if mode.kind == "schema":
-            return Job(schema_prompt(mode.schema), lambda a: Extracted(data=_data(a)), make_constraint(mode.schema))
-        return Job(HTML_PROMPT, finish=lambda a: Extracted(text=a.text, tables=tuple(tables_from_html(a.text))))
-
-    return plan
-
-
 def lines_record(got: Extracted) -> dict:
     """The --json fields of text spotting: `text` (the lines joined), `lines` as `{"text", "bbox_2d"
     [, "bbox_pdf"]}` in original pixels, `image_size` (and `dpi` on PDF pages)."""
     found = found_record(got.lines, points=False)
     lines = [{"text": obj.pop("label"), **obj} for obj in found.pop("objects")]
     return {"text": got.text, "lines": lines, **found}
+
+
+def render_tables(tables, fmt: str) -> list:
+    from qwenvl_cli.tables import to_csv, to_html, to_json, to_markdown
+
+    render = {"csv": to_csv, "markdown": to_markdown, "json": to_json, "html": to_html}[fmt]
+    return [render(t) for t in tables]
+
+
+class ExtractTask(Task):
+    """`json_out`: the records are JSON (plain OCR becomes text spotting, CSV tables stay one record)."""
+
+    def __init__(self, mode: ExtractMode, json_out: bool, together: bool = False) -> None:
+        self.mode = mode
+        self.json_out = json_out
+        self.together = together
+        self.streams = mode.kind == "text"
+
+    def prepare(self, engine, items) -> None:
+        super().prepare(engine, items)
+        if self.mode.kind == "schema":
+            try:
+                self._constraint(self.mode.schema)  # an unsupported schema fails here, before any input is read
+            except UsageError as exc:
+                raise UsageError(f"--schema {self.mode.schema_path}: {exc}") from exc
+
+    def _constraint(self, schema: dict):
+        return self.engine.json_constraint(schema, fenced=True)
+
+    def plan(self, seen: Sequence[Seen]) -> Job:
+        mode = self.mode
+        if mode.kind == "text":
+            return Job(OCR_PROMPT, finish=lambda a: Extracted(text=a.text))
+        if mode.kind == "lines":
+            size = seen[0].image.resized_size
+            return Job(SPOTTING_PROMPT, lambda a: _spotting(a, seen), self._constraint(spotting_schema(size)))
+        if mode.kind == "fields":
+            schema = fields_schema(mode.fields)
+            return Job(fields_prompt(mode.fields), lambda a: Extracted(data=_data(a)), self._constraint(schema))
+        if mode.kind == "schema":
+            return Job(schema_prompt(mode.schema), lambda a: Extracted(data=_data(a)), self._constraint(mode.schema))
+        return Job(HTML_PROMPT, finish=lambda a: Extracted(text=a.text, tables=tuple(tables_from_html(a.text))))
+
+    def render(self, outcome: Outcome) -> Rendered:
+        got, kind = outcome.result, self.mode.kind
+        if kind == "text":
+            return Rendered({"text": got.text})
+        if kind == "lines":
+            notes = ()
+            if got.lines.truncated:
+                notes = (f"{outcome.label}: the answer hit --max-new-tokens; showing the complete lines",)
+            return Rendered(lines_record(got), notes=notes)
+        if kind in ("fields", "schema"):
+            return Rendered({"data": got.data}, json.dumps(got.data, ensure_ascii=False, indent=2), ".json")
+        fmt = self.mode.table_format
+        tables = render_tables(got.tables, fmt)
+        notes = () if tables else (f"{outcome.label}: no tables found",)
+        if fmt == "json":
+            text = json.dumps(tables, ensure_ascii=False, indent=2)
+        else:
+            text = "\n\n".join(t.rstrip("\n") for t in tables)
+        files = ("table", ".csv", tuple(tables)) if fmt == "csv" and not self.json_out else None
+        return Rendered({"format": fmt, "tables": tables}, text, TABLE_SUFFIX[fmt], files, notes)

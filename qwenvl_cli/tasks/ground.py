@@ -9,13 +9,17 @@ dropped; PDF pages also get PDF points.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Sequence
 
 from qwenvl_cli.boxes import Detection, detections_from_json, to_original
 from qwenvl_cli.engine import Answer
-from qwenvl_cli.errors import AnswerError
+from qwenvl_cli.errors import AnswerError, UsageError
+from qwenvl_cli.inputs import display_base, is_file
 from qwenvl_cli.jsonfix import LenientJSONError, parse_lenient
-from qwenvl_cli.tasks.runner import Job, Seen
+from qwenvl_cli.tasks.base import Rendered, Task
+from qwenvl_cli.tasks.runner import Job, Outcome, Seen
+from qwenvl_cli.tasks.sources import Part
 
 LABEL = {"type": "string", "maxLength": 200}
 
@@ -75,7 +79,7 @@ def read_detections(answer: Answer, seen: Seen) -> Found:
             "(raise --max-new-tokens)"
         )
     pdf = None
-    geometry = seen.visual.geometry
+    geometry = seen.source.geometry
     if geometry is not None:
         pdf = tuple(
             geometry.to_points(d.bbox) if d.bbox is not None else geometry.point_to_points(*d.point) for d in found
@@ -87,21 +91,6 @@ def read_detections(answer: Answer, seen: Seen) -> Found:
         pdf_boxes=pdf,
         dpi=geometry.dpi if geometry is not None else None,
     )
-
-
-def ground_plan(query: str, points: bool, make_constraint: Callable[[dict], object] | None):
-    """`make_constraint(schema)` gives a fresh constraint per answer (None: free decoding + lenient parse)."""
-
-    def plan(seen: Sequence[Seen]) -> Job:
-        [one] = seen  # grounding answers about one picture at a time
-        schema = ground_schema(points, one.image.resized_size)
-        return Job(
-            ground_prompt(query, points),
-            finish=lambda answer: read_detections(answer, one),
-            constraint=make_constraint(schema) if make_constraint else None,
-        )
-
-    return plan
 
 
 def found_record(found: Found, points: bool) -> dict:
@@ -134,3 +123,92 @@ def found_text(record: dict) -> str:
             line += f"  pdf points {pdf}"
         lines.append(line)
     return "\n".join(lines) if lines else "(nothing found)"
+
+
+def split_query(inputs: Sequence[str]) -> tuple[list[str], str]:
+    """`FILE... QUERY` -> (files, query); the last argument is always the query."""
+    if len(inputs) < 2:
+        raise UsageError("give the image or PDF files, then what to find: qwenvl ground photo.jpg 'every red car'")
+    *files, query = inputs
+    if not query.strip():
+        raise UsageError("the query is empty: say what to find, e.g. 'every red car'")
+    if is_file(query):
+        raise UsageError(f"the last argument is what to find, but {query!r} names a file: add the query after the files")
+    return files, query
+
+
+def draw_target(raw: str, option: str = "--draw") -> Path:
+    """Check --draw (or video's --sheet) before any work: a directory (existing, or named with a trailing
+    /: created), or a file whose suffix names an image format Pillow writes, in an existing directory."""
+    from qwenvl_cli.draw import image_format
+
+    path = Path(raw).expanduser()
+    if raw.endswith(("/", "\\")) or path.is_dir():
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"{option} {raw}: cannot create the directory ({exc.strerror})") from exc
+        return path
+    if image_format(path) is None:
+        raise UsageError(f"{option} {raw}: unknown image suffix {path.suffix or '(none)'!r} (use .png, .jpg or .webp)")
+    if not path.parent.is_dir():
+        raise UsageError(f"{option} {raw}: no directory {path.parent}")
+    return path
+
+
+def draw_path(draw: Path, name: str, part: Part | None, several: bool, used: set[Path], kind: str = "boxes") -> Path:
+    """Where --draw (or video's --sheet) writes one picture. OUT.png itself for a single input; with
+    several inputs `OUT-<input stem>.png`, and a part adds its tag (`OUT-p2.png`, `OUT-scan-p2.png`). A
+    directory gets `<input name>[.pN].<kind>.png` inside. A path already written in this run gets -2, -3..."""
+    if draw.is_dir():
+        base = display_base(name)
+        path = draw / (base + (f".{part.tag}" if part is not None else "") + f".{kind}.png")
+    else:
+        parts = []
+        if several:
+            parts.append(Path(display_base(name)).stem)
+        if part is not None:
+            parts.append(part.tag)
+        path = draw.with_name("-".join([draw.stem, *parts]) + draw.suffix) if parts else draw
+    candidate, n = path, 1
+    while candidate in used:
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    used.add(candidate)
+    return candidate
+
+
+class GroundTask(Task):
+    """Boxes (or points) for `query` in each still, decoding constrained to the list the model writes;
+    `draw` is the checked --draw target."""
+
+    def __init__(self, query: str, points: bool, draw: Path | None = None) -> None:
+        self.query = query
+        self.points = points
+        self.draw = draw
+        self.drawn: set[Path] = set()
+        self.several = False
+
+    def prepare(self, engine, items) -> None:
+        super().prepare(engine, items)
+        self.several = len(items) > 1
+
+    def plan(self, seen: Sequence[Seen]) -> Job:
+        [one] = seen  # grounding answers about one picture at a time
+        schema = ground_schema(self.points, one.image.resized_size)
+        constraint = self.engine.json_constraint(schema, fenced=True)
+        return Job(ground_prompt(self.query, self.points), lambda answer: read_detections(answer, one), constraint)
+
+    def render(self, outcome: Outcome) -> Rendered:
+        from qwenvl_cli.draw import draw_detections, save_image
+
+        found = outcome.result
+        fields = {"query": self.query, **found_record(found, self.points)}
+        notes = ()
+        if found.truncated:
+            notes = (f"{outcome.label}: the answer hit --max-new-tokens; showing the complete boxes",)
+        if self.draw is not None:
+            path = draw_path(self.draw, outcome.names[0], outcome.part, self.several, self.drawn)
+            save_image(draw_detections(outcome.seen[0].source.image, list(found.detections)), path, outcome.label)
+            fields["drawing"] = str(path)
+        return Rendered(fields, found_text(fields), notes=notes)

@@ -1,6 +1,6 @@
-"""The loop every subcommand shares: inputs -> pictures (images, PDF pages) -> one prompt each (or one for
-all with --together) -> answer -> the task's parsed result. A bad input yields an error outcome and the
-loop goes on; the model is loaded once by the caller.
+"""The loop every subcommand shares: inputs -> stills and clips (images, PDF pages, videos or their
+segments) -> one prompt each (or one for all with --together) -> answer -> the task's parsed result. A bad
+input, page or segment yields an error outcome and the loop goes on; the model is loaded once by the caller.
 """
 
 from __future__ import annotations
@@ -16,68 +16,79 @@ from qwenvl_cli.inputs import InputItem
 from qwenvl_cli.media.image import ProcessedImage, preprocess_image
 from qwenvl_cli.progress import SILENT, Feedback
 from qwenvl_cli.prompts import vision_token_count
-from qwenvl_cli.tasks.sources import DocumentOptions, Visual, visuals
+from qwenvl_cli.tasks.sources import Broken, Clip, Part, Source, SourceOptions, Still, labelled, sources
 
 
 @dataclass(frozen=True)
 class Seen:
-    """A picture and what the model was given of it."""
+    """A still or clip and what the model was given of it (a ProcessedImage or a ProcessedVideo)."""
 
-    visual: Visual
-    image: ProcessedImage
+    source: Source
+    media: Any
+
+    @property
+    def image(self) -> ProcessedImage:
+        """The processed picture of a still (tasks that read pixels back: ground, extract --json)."""
+        if not isinstance(self.source, Still):
+            raise InputError(f"{self.source.label}: a video; this command reads images and PDF pages")
+        return self.media
 
 
 @dataclass(frozen=True)
 class Job:
-    """What a task asks about some pictures, and how it reads the answer."""
+    """What a task asks about some stills or clips, and how it reads the answer."""
 
     text: str  # the user's question, after the pictures
     finish: Callable[[Answer], Any] = lambda answer: answer.text  # may raise QwenVLError
-    constraint: Any = None  # a fresh JsonConstraint per answer, or None for free text
+    constraint: Any = None  # a fresh constraint per answer, or None for free text
 
 
 @dataclass(frozen=True)
 class Request:
     system: str | None
     params: SamplingParams
-    min_pixels: int | None = None
+    min_pixels: int | None = None  # images (videos carry their own bounds in sources.video)
     max_pixels: int | None = None
     together: bool = False
-    documents: DocumentOptions = field(default_factory=DocumentOptions)
+    sources: SourceOptions = field(default_factory=SourceOptions)
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """One answer (a picture, a PDF page, or with --together all of them), or one failed input."""
+    """One answer (a still, a clip, or with --together all of them), or one failed input or part."""
 
     names: tuple[str, ...]
-    page: int | None = None
+    part: Part | None = None
     answer: Answer | None = None
     result: Any = None
     error: str | None = None
     seen: tuple[Seen, ...] = ()
-    preprocess: float = 0.0  # seconds reading, rendering and preprocessing the pictures
+    preprocess: float = 0.0  # seconds reading, rendering, decoding and preprocessing
 
     @property
     def label(self) -> str:
-        joined = ", ".join(self.names)
-        return joined if self.page is None else f"{joined} (page {self.page})"
+        return labelled(", ".join(self.names), self.part)
 
 
 Plan = Callable[[Sequence[Seen]], Job]
 
 
-def _process(visual: Visual, engine: Engine, req: Request) -> Seen:
+def _process(source: Source, engine: Engine, req: Request) -> Seen:
     try:
-        image = preprocess_image(visual.image, engine.preprocessor, min_pixels=req.min_pixels, max_pixels=req.max_pixels)
-    except InputError as exc:  # e.g. an extreme aspect ratio: say which file and page
-        raise InputError(f"{visual.label}: {exc}") from None
-    return Seen(visual, image)
+        if isinstance(source, Clip):
+            from qwenvl_cli.media.frames import preprocess_frames
+
+            video = source.video
+            return Seen(source, preprocess_frames(video.frames, engine.preprocessor, video.second_per_grid_t))
+        image = preprocess_image(source.image, engine.preprocessor, min_pixels=req.min_pixels, max_pixels=req.max_pixels)
+    except InputError as exc:  # e.g. an extreme aspect ratio: say which file and part
+        raise InputError(_named(str(exc), source.label, source.name)) from exc
+    return Seen(source, image)
 
 
 def _answer(engine: Engine, seen: Sequence[Seen], plan: Plan, req: Request, on_text) -> tuple[Answer, Any]:
     job = plan(seen)
-    prompt = engine.prompt([*(s.image for s in seen), job.text], req.system)
+    prompt = engine.prompt([*(s.media for s in seen), job.text], req.system)
     answer = engine.answer(prompt, req.params, on_text, constraint=job.constraint)
     return answer, job.finish(answer)
 
@@ -99,29 +110,31 @@ def run(
         for item in items:
             feedback.input_started(item.name)
             try:
-                pictures = visuals(item, req.documents, on_warning, feedback)
+                parts = sources(item, req.sources, on_warning, feedback)
                 while True:
                     start = time.perf_counter()
-                    visual = next(pictures, None)
-                    if visual is None:
+                    source = next(parts, None)
+                    if source is None:
                         break
-                    outcome = Outcome((item.name,), visual.page)
-                    try:
-                        seen = (_process(visual, engine, req),)
-                        spent = time.perf_counter() - start
-                        on_start(outcome)
-                        answer, result = _answer(engine, seen, plan, req, on_text)
-                    except QwenVLError as exc:  # this page failed; the document's other pages still answer
-                        yield Outcome((item.name,), visual.page, error=_named(str(exc), visual.label, item.name))
+                    if isinstance(source, Broken):
+                        yield Outcome((item.name,), source.part, error=source.error)
                         continue
-                    yield Outcome((item.name,), visual.page, answer, result, seen=seen, preprocess=spent)
+                    try:
+                        seen = (_process(source, engine, req),)
+                        spent = time.perf_counter() - start
+                        on_start(Outcome((item.name,), source.part))
+                        answer, result = _answer(engine, seen, plan, req, on_text)
+                    except QwenVLError as exc:  # this part failed; the input's other parts still answer
+                        yield Outcome((item.name,), source.part, error=_named(str(exc), source.label, item.name))
+                        continue
+                    yield Outcome((item.name,), source.part, answer, result, seen=seen, preprocess=spent)
             except QwenVLError as exc:
                 yield Outcome((item.name,), error=str(exc))
             feedback.input_done()
 
 
 def _run_together(engine, items, plan, req, on_start, on_text, on_warning, feedback) -> Iterator[Outcome]:
-    """Every picture of every input in one prompt. Refuses, with the numbers, once the pictures alone
+    """Every still and clip of every input in one prompt. Refuses, with the numbers, once they alone
     would not fit the context."""
     context = engine.model.config.text.max_position_embeddings
     merge = engine.model.config.vision.spatial_merge_size
@@ -133,14 +146,16 @@ def _run_together(engine, items, plan, req, on_start, on_text, on_warning, feedb
         for item in items:
             feedback.input_started(item.name)
             try:
-                for visual in visuals(item, req.documents, on_warning, feedback):
-                    seen.append(_process(visual, engine, req))
-                    tokens += vision_token_count(seen[-1].image.grid_thw, merge)
+                for source in sources(item, req.sources, on_warning, feedback):
+                    if isinstance(source, Broken):
+                        raise InputError(source.error)
+                    seen.append(_process(source, engine, req))
+                    tokens += vision_token_count(seen[-1].media.grid_thw, merge)
                     if tokens >= context:
                         raise PromptError(
-                            f"--together: the first {len(seen)} pictures ({visual.label} is the last) already need "
-                            f"{tokens:,} vision tokens, over the model's context of {context:,}; "
-                            "select fewer --pages, lower --dpi or --max-pixels, or drop --together"
+                            f"--together: the first {len(seen)} pictures and clips ({source.label} is the last) "
+                            f"already need {tokens:,} vision tokens, over the model's context of {context:,}; "
+                            "select fewer --pages, lower --dpi, --max-pixels or --total-pixels, or drop --together"
                         )
             except PromptError:
                 raise
@@ -149,8 +164,10 @@ def _run_together(engine, items, plan, req, on_start, on_text, on_warning, feedb
                 yield Outcome((item.name,), error=str(exc))
             feedback.input_done()
     if failed or not seen:
+        if failed and seen:
+            on_warning("--together: no combined answer, since an input above could not be read")
         return
-    names = tuple(dict.fromkeys(s.visual.name for s in seen))
+    names = tuple(dict.fromkeys(s.source.name for s in seen))
     spent = time.perf_counter() - start
     try:
         on_start(Outcome(names))

@@ -1,0 +1,112 @@
+"""The one run of an answering command: options -> checked request -> inputs -> model loaded once -> the
+task over every still and clip -> each outcome out (stdout, --json lines, or --output-dir files).
+
+Every command body is `run_task(SomeTask(...), common_options(...))`. torch is imported here, so the
+command modules import this inside their functions and `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import typer
+
+from qwenvl_cli.cli.common import Common
+from qwenvl_cli.engine import Engine, model_label
+from qwenvl_cli.errors import UsageError
+from qwenvl_cli.hub import model_reference
+from qwenvl_cli.inputs import expand_inputs
+from qwenvl_cli.output import Sink, warn
+from qwenvl_cli.progress import Feedback
+from qwenvl_cli.tasks import runner
+from qwenvl_cli.tasks.base import Task, envelope, usage
+from qwenvl_cli.tasks.sources import SourceOptions
+
+
+def source_options(opts: Common, task: Task) -> SourceOptions:
+    """PDF and video options as the sources take them; bad values are usage errors here, before loading."""
+    from qwenvl_cli.media.pdf import DEFAULT_DPI, parse_pages
+
+    video = None  # video sampling comes with the video command
+    return SourceOptions(
+        pages=parse_pages(opts.pages) if opts.pages is not None else None,
+        dpi=opts.dpi or DEFAULT_DPI,
+        password=opts.password,
+        video=video,
+        segment=opts.segment,
+        videos=task.videos,
+    )
+
+
+def check_sampling_options(opts: Common) -> None:
+    if opts.min_pixels and opts.max_pixels and opts.min_pixels > opts.max_pixels:
+        raise UsageError(f"--min-pixels {opts.min_pixels} is larger than --max-pixels {opts.max_pixels}")
+    if opts.top_p is not None and opts.top_p <= 0:
+        raise UsageError(f"--top-p must be above 0 (got {opts.top_p}); use --temperature 0 for greedy decoding")
+
+
+def sampling(engine: Engine, opts: Common):
+    top_k, top_p = opts.top_k, opts.top_p
+    if opts.temperature and top_k is None and top_p is None:
+        # The hub checkpoints default to top_k 1 / top_p 0.001, which would make any temperature greedy:
+        # asking for a temperature means asking for sampling, so open the filters unless given.
+        top_k, top_p = 0, 1.0
+    return engine.sampling(
+        max_new_tokens=opts.max_new_tokens,
+        temperature=opts.temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=opts.repetition_penalty,
+        seed=opts.seed,
+    )
+
+
+def load_engine(opts: Common, feedback: Feedback, log) -> tuple[Engine, str]:
+    ref = model_reference(opts.model)
+    t0 = time.perf_counter()
+    with feedback.status(f"Loading {ref}"):
+        engine = Engine.load(ref, opts.device, opts.dtype)
+    log(f"loaded {ref} on {engine.model.device} ({engine.model.dtype}) in {time.perf_counter() - t0:.1f}s")
+    pre = engine.preprocessor
+    lo, hi = opts.min_pixels or pre.min_pixels, opts.max_pixels or pre.max_pixels
+    if lo > hi:
+        raise UsageError(f"pixel bounds are impossible: min {lo} > max {hi} (see --min-pixels/--max-pixels)")
+    return engine, model_label(ref)
+
+
+def run_task(task: Task, opts: Common) -> None:
+    """Answer every input with `task`; exit 1 at the end when any input (or part) failed."""
+    check_sampling_options(opts)
+    source_opts = source_options(opts, task)
+    task.together = opts.together
+    items = expand_inputs(opts.inputs, sys.stdin.buffer if "-" in opts.inputs else None, opts.recursive, task.videos)
+    several_parts = source_opts.pages is not None or source_opts.segment is not None
+    sink = Sink(opts.json, opts.output_dir, multi=len(items) > 1 or several_parts, streaming=task.streams)
+
+    def log(message: str) -> None:
+        if opts.verbose:
+            warn(message)
+
+    feedback = Feedback.for_streams(opts.quiet)
+    engine, label = load_engine(opts, feedback, log)
+    task.prepare(engine, items)
+    request = runner.Request(opts.system, sampling(engine, opts), opts.min_pixels, opts.max_pixels, opts.together, source_opts)
+    failures = 0
+    outcomes = runner.run(engine, items, task.plan, request, sink.start, sink.piece, warn, feedback)
+    for outcome in outcomes:
+        if outcome.error is not None:
+            failures += 1
+            sink.failed(outcome, list(outcome.names) if opts.together and len(outcome.names) > 1 else outcome.names[0])
+            continue
+        rendered = task.render(outcome)
+        for note in rendered.notes:
+            warn(note)
+        sink.done(outcome, {**envelope(outcome, opts.together), **rendered.fields, **usage(outcome, label)}, rendered)
+        a = outcome.answer
+        log(
+            f"{outcome.label}: preprocess {outcome.preprocess:.2f}s; {a.prompt_tokens} prompt tokens, prefill "
+            f"{a.timings.prefill:.2f}s; {a.completion_tokens} tokens, decode {a.timings.tokens_per_second:.1f} tok/s"
+        )
+    if failures:
+        raise typer.Exit(1)
