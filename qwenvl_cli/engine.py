@@ -1,6 +1,6 @@
 """A loaded model ready to answer: checkpoint + weights + tokenizer + preprocessing constants.
 
-Turns chat parts (text and preprocessed images) into a Prompt and streams an Answer. Tasks build on
+Turns chat parts (text, preprocessed images and videos) into a Prompt and streams an Answer. Tasks build on
 this; nothing here prints.
 """
 
@@ -16,16 +16,17 @@ import torch
 from qwenvl_cli.errors import UsageError
 from qwenvl_cli.generate import Generator, SamplingParams, Step
 from qwenvl_cli.hub import resolve_model
+from qwenvl_cli.media.frames import ProcessedVideo
 from qwenvl_cli.media.image import ProcessedImage
 from qwenvl_cli.model.loader import Checkpoint, load_model, open_checkpoint, resolve_dtype
 from qwenvl_cli.model.qwen2_5_vl import Prompt, Qwen2_5_VL, VisionInput
-from qwenvl_cli.prompts import DEFAULT_SYSTEM, ImagePart, TextPart, build_chat_ids
+from qwenvl_cli.prompts import DEFAULT_SYSTEM, ImagePart, TextPart, VideoPart, build_chat_ids
 from qwenvl_cli.tokenizer import StreamDecoder, Tokenizer
 
 if TYPE_CHECKING:
     from qwenvl_cli.constrain import JsonConstraint
 
-Part = str | ProcessedImage
+Part = str | ProcessedImage | ProcessedVideo
 
 
 @dataclass
@@ -87,23 +88,36 @@ class Engine:
         return SamplingParams.from_config(self.ckpt.generation, **overrides)
 
     def prompt(self, parts: Sequence[Part], system: str | None = DEFAULT_SYSTEM) -> Prompt:
+        """One user turn of text, images and videos in any order -> a Prompt with its 3D positions."""
         chat = []
-        images = []
+        images: list[ProcessedImage] = []
+        videos: list[ProcessedVideo] = []
         for part in parts:
             if isinstance(part, str):
                 chat.append(TextPart(part))
-            else:
+            elif isinstance(part, ProcessedImage):
                 chat.append(ImagePart(part.grid_thw))
                 images.append(part)
+            elif isinstance(part, ProcessedVideo):
+                chat.append(VideoPart(part.grid_thw))
+                videos.append(part)
+            else:
+                raise TypeError(f"not a prompt part: {type(part).__name__}")
         merge = self.ckpt.config.vision.spatial_merge_size
         ids = build_chat_ids(self.tokenizer, chat, system=system, merge_size=merge)
-        vision = None
+        image_input = video_input = None
         if images:
-            vision = VisionInput(
+            image_input = VisionInput(
                 pixel_values=torch.cat([im.pixel_values for im in images]),
                 grids=tuple(tuple(im.grid_thw) for im in images),
             )
-        return self.model.make_prompt(ids, images=vision)
+        if videos:
+            video_input = VisionInput(
+                pixel_values=torch.cat([v.pixel_values for v in videos]),
+                grids=tuple(tuple(v.grid_thw) for v in videos),
+                second_per_grid_ts=tuple(v.second_per_grid_t for v in videos),
+            )
+        return self.model.make_prompt(ids, images=image_input, videos=video_input)
 
     def json_constraint(self, schema: dict, fenced: bool = False) -> JsonConstraint:
         """A constraint for `answer`: JSON valid against `schema` (in a ```json fence when `fenced`)."""

@@ -7,6 +7,7 @@ caller's (see generate.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
@@ -33,12 +34,34 @@ from qwenvl_cli.prompts import vision_token_count
 
 @dataclass(frozen=True)
 class VisionInput:
-    """Preprocessed pixels of the images (or videos) of one prompt, in the order their pads appear."""
+    """Preprocessed pixels of the images, or of the videos, of one prompt, in the order their pads appear.
+
+    Videos carry one seconds-per-temporal-patch value per grid (their MRoPE time step); images carry None.
+    """
 
     pixel_values: torch.Tensor  # (sum t*h*w, C*t*p*p) float32
     grids: tuple[Grid, ...]
-    is_video: bool = False
-    second_per_grid_ts: tuple[float, ...] = ()  # videos: seconds per temporal patch, one per video
+    second_per_grid_ts: tuple[float, ...] | None = None  # videos only: seconds per temporal patch, per grid
+
+    def __post_init__(self) -> None:
+        rows = sum(t * h * w for t, h, w in self.grids)
+        if self.pixel_values.shape[0] != rows:
+            raise ValueError(
+                f"vision input: {self.pixel_values.shape[0]} pixel rows for grids {list(self.grids)} "
+                f"({rows} patches)"
+            )
+        spg = self.second_per_grid_ts
+        if spg is None:
+            return
+        if len(spg) != len(self.grids):
+            raise PromptError(f"video input: {len(spg)} second_per_grid_ts for {len(self.grids)} video grids")
+        bad = [s for s in spg if not (math.isfinite(s) and s > 0)]
+        if bad:
+            raise PromptError(f"video input: seconds per temporal patch must be finite and positive, got {bad}")
+
+    @property
+    def is_video(self) -> bool:
+        return self.second_per_grid_ts is not None
 
 
 @dataclass(frozen=True)
@@ -54,6 +77,39 @@ class Prompt:
     @property
     def length(self) -> int:
         return self.input_ids.shape[1]
+
+
+# Patches per vision-tower call for videos: 4096 tokens, 5 temporal patches (10 frames) at the per-frame
+# maximum of 768 tokens. Bounds the tower's activations whatever the clip's length.
+VIDEO_CHUNK_PATCHES = 16384
+
+
+def chunk_grids(grids: Sequence[Grid], max_patches: int) -> list[tuple[Grid, ...]]:
+    """Split video grids into consecutive chunks of whole temporal patches, at most `max_patches` patches a
+    chunk where one temporal patch fits (else that patch alone). A chunk may hold pieces of several videos;
+    concatenated in order, the chunks give back every temporal patch of `grids` once."""
+    if max_patches < 1:
+        raise ValueError(f"max_patches must be positive, got {max_patches}")
+    chunks: list[tuple[Grid, ...]] = []
+    current: list[Grid] = []
+    used = 0
+    for t, h, w in grids:
+        per = h * w
+        left = t
+        while left:
+            take = min(left, max(max_patches - used, 0) // per)
+            if take == 0:
+                if current:
+                    chunks.append(tuple(current))
+                    current, used = [], 0
+                    continue
+                take = 1  # one temporal patch larger than the budget: it goes alone
+            current.append((take, h, w))
+            used += take * per
+            left -= take
+    if current:
+        chunks.append(tuple(current))
+    return chunks
 
 
 @lru_cache(maxsize=64)
@@ -86,6 +142,10 @@ class Qwen2_5_VL(nn.Module):
         cfg = self.config
         merge = cfg.vision.spatial_merge_size
         types = [1 if t == cfg.image_token_id else 2 if t == cfg.video_token_id else 0 for t in input_ids]
+        if images is not None and images.is_video:
+            raise ValueError("make_prompt: images= got a video input (it carries second_per_grid_ts)")
+        if videos is not None and not videos.is_video:
+            raise ValueError("make_prompt: videos= got an image input (no second_per_grid_ts)")
         spans: list[VisionSpan] = []
         for kind, vis, name in ((1, images, "image"), (2, videos, "video")):
             grids = vis.grids if vis is not None else ()
@@ -122,12 +182,28 @@ class Qwen2_5_VL(nn.Module):
 
     # ------------------------------------------------------------------ forward pieces (device side)
 
-    def vision_features(self, vis: VisionInput, attention: str = "batched") -> torch.Tensor:
-        """# (sum t*h*w / merge_unit, text hidden), in pad-token order."""
+    def vision_features(
+        self, vis: VisionInput, attention: str = "batched", max_patches: int = VIDEO_CHUNK_PATCHES
+    ) -> torch.Tensor:
+        """# (sum t*h*w / merge_unit, text hidden), in pad-token order.
+
+        Videos go through the tower in chunks of whole temporal patches, at most `max_patches` patches per
+        call (one temporal patch alone if it is larger): attention never crosses a temporal patch, so the
+        features equal one call's while activation memory stays bounded. Images take one call.
+        """
+        if not vis.is_video:
+            return self._encode(vis.pixel_values, tuple(vis.grids), attention)
+        feats, row = [], 0
+        for grids in chunk_grids(vis.grids, max_patches):
+            rows = sum(t * h * w for t, h, w in grids)
+            feats.append(self._encode(vis.pixel_values[row:row + rows], grids, attention))
+            row += rows
+        return torch.cat(feats)
+
+    def _encode(self, pixel_values: torch.Tensor, grids: tuple[Grid, ...], attention: str) -> torch.Tensor:
         v = self.config.vision
-        layout = _cached_layout(tuple(vis.grids), v.head_dim, v.spatial_merge_size, v.window_merged)
-        layout = layout.to(self.device)
-        return self.visual(vis.pixel_values.to(self.device), layout, attention)
+        layout = _cached_layout(grids, v.head_dim, v.spatial_merge_size, v.window_merged).to(self.device)
+        return self.visual(pixel_values.to(self.device), layout, attention)
 
     def embed(self, prompt: Prompt, attention: str = "batched") -> torch.Tensor:
         """Token embeddings with vision features written at the pad positions. # (1, L, D)"""

@@ -221,8 +221,11 @@ def rope_index(
             count = t * gh * gw
             if count > j - i:
                 raise ValueError(f"vision block of {count} tokens but only {j - i} pads in the sequence")
-            interval = span.second_per_grid_t * tokens_per_second if kind == 2 else 0.0
-            tt = torch.tensor([math.floor(k * interval) for k in range(t)], dtype=torch.long)
+            # As the reference computes it: int index x seconds-per-grid x tokens/s in float32 (torch's default
+            # for int * float), truncated once. Flooring in float64 instead can land one below where the exact
+            # product is an integer (fps 1.3: temporal patch 39 is exactly 120, float64 gives 119.99...).
+            spg = span.second_per_grid_t if kind == 2 else 0.0
+            tt = (torch.arange(t) * spg * tokens_per_second).long()
             block = torch.stack(
                 torch.meshgrid(tt, torch.arange(gh), torch.arange(gw), indexing="ij")
             ).reshape(3, -1)
