@@ -1,5 +1,5 @@
-"""JSON-schema-constrained decoding: which token ids may come next so that the answer is JSON valid against a
-schema, bare or in a ```json fence, ended by <|im_end|>. Grammar engine: llguidance (chosen by measurement,
+"""Constrained decoding: which token ids may come next so that the answer is JSON valid against a schema,
+bare or in a ```json fence (or matches a Lark grammar, `from_lark`), ended by <|im_end|>. Grammar engine: llguidance (chosen by measurement,
 see benchmarks/bench_constrain.py), driven by the checkpoint's tokenizer.json; transformers is never needed.
 
 A random or confused model can still write a string until max_new_tokens runs out: the answer then ends
@@ -101,6 +101,18 @@ class JsonConstraint:
         except ValueError as exc:
             raise UsageError(f"JSON schema: {_one_line(str(exc))}") from None
         return cls(ll_tok, grammar, tokenizer.im_end_id, schema, fenced)
+
+    @classmethod
+    def from_lark(cls, tokenizer: Tokenizer, lark: str) -> JsonConstraint:
+        """Output that must match a Lark grammar (llguidance's dialect: quoted strings, /regex/ lexemes,
+        %json), then <|im_end|>: e.g. the sentence video grounding answers in. A grammar that does not
+        compile is a UsageError."""
+        ll_tok = _ll_tokenizer(tokenizer)
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        except ValueError as exc:
+            raise UsageError(f"grammar: {_one_line(str(exc))}") from exc
+        return cls(ll_tok, grammar, tokenizer.im_end_id, schema={}, fenced=False)
 
     def reset(self) -> None:
         """Back to the start of the grammar, for the next answer."""

@@ -21,3 +21,23 @@ def make_ckpt(tmp_path_factory):
         return built[key]
 
     return make
+
+
+@pytest.fixture
+def canned(monkeypatch):
+    """canned(text) makes every answer `text` (and records each prompt's constraint and the prompt)."""
+    from qwenvl_cli.engine import Answer, Engine
+
+    calls = []
+
+    def install(text: str, finish_reason: str = "stop"):
+        def answer(self, prompt, params, on_text=None, constraint=None):
+            calls.append(constraint)
+            if on_text:
+                on_text(text)
+            return Answer(text, prompt.length, 7, finish_reason, self.name)
+
+        monkeypatch.setattr(Engine, "answer", answer)
+        return calls
+
+    return install

@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from qwenvl_cli.cli import app
-from qwenvl_cli.engine import Answer, Engine
+from qwenvl_cli.engine import Engine
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 SHAPES = str(SAMPLES / "shapes.png")
@@ -41,24 +41,6 @@ def pdf_of(path: Path, sizes: list[tuple[int, int]], colour=(255, 255, 255)) -> 
     pages = [Image.new("RGB", size, colour) for size in sizes]
     pages[0].save(path, format="PDF", resolution=72.0, save_all=True, append_images=pages[1:])
     return path
-
-
-@pytest.fixture
-def canned(monkeypatch):
-    """canned(text) makes every answer `text` (and records the prompts' constraint)."""
-    calls = []
-
-    def install(text: str, finish_reason: str = "stop"):
-        def answer(self, prompt, params, on_text=None, constraint=None):
-            calls.append(constraint)
-            if on_text:
-                on_text(text)
-            return Answer(text, prompt.length, 7, finish_reason, self.name)
-
-        monkeypatch.setattr(Engine, "answer", answer)
-        return calls
-
-    return install
 
 
 # ------------------------------------------------------------------------------------------- ground

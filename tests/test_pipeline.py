@@ -86,7 +86,7 @@ def test_progress_absent_off_a_terminal(model_dir, tmp_path):
     assert r.exit_code == 0 and r.stderr == ""
 
 
-@pytest.mark.parametrize("command", ["describe", "ground", "extract", "models", "download"])
+@pytest.mark.parametrize("command", ["describe", "ground", "extract", "video", "models", "download"])
 def test_every_subcommand_has_help_with_examples(command):
     r = CliRunner().invoke(app, [command, "--help"])
     assert r.exit_code == 0

@@ -11,7 +11,7 @@ from qwenvl_cli import __version__
 
 app = typer.Typer(
     name="qwenvl",
-    help="Understand images and PDFs with Qwen2.5-VL, locally, from the shell.",
+    help="Understand images, PDFs and videos with Qwen2.5-VL, locally, from the shell.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -28,11 +28,11 @@ def _version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    """Understand images and PDFs with Qwen2.5-VL, locally, from the shell."""
+    """Understand images, PDFs and videos with Qwen2.5-VL, locally, from the shell."""
 
 
 # Each module registers its command on `app`.
-from qwenvl_cli.cli import describe, extract, ground, manage  # noqa: E402,F401
+from qwenvl_cli.cli import describe, extract, ground, manage, video  # noqa: E402,F401
 
 
 def main() -> None:

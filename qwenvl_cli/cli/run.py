@@ -28,7 +28,21 @@ def source_options(opts: Common, task: Task) -> SourceOptions:
     """PDF and video options as the sources take them; bad values are usage errors here, before loading."""
     from qwenvl_cli.media.pdf import DEFAULT_DPI, parse_pages
 
-    video = None  # video sampling comes with the video command
+    video = None
+    if task.videos:
+        from qwenvl_cli.media.video import VideoOptions
+
+        given = {
+            "fps": opts.fps,
+            "nframes": opts.nframes,
+            "start": opts.start,
+            "end": opts.end,
+            "max_frames": opts.max_frames,
+            "min_pixels": opts.min_pixels,
+            "max_pixels": opts.max_pixels,
+            "total_pixels": opts.total_pixels,
+        }
+        video = VideoOptions(**{k: v for k, v in given.items() if v is not None})
     return SourceOptions(
         pages=parse_pages(opts.pages) if opts.pages is not None else None,
         dpi=opts.dpi or DEFAULT_DPI,

@@ -22,6 +22,7 @@ def default_prompt(seen: Sequence[Seen]) -> str:
 
 class DescribeTask(Task):
     streams = True
+    videos = True
 
     def __init__(self, prompt: str | None, together: bool = False) -> None:
         self.prompt = prompt

@@ -22,7 +22,7 @@ from qwenvl_cli.media.pdf import DEFAULT_DPI, MAX_RENDER_PIXELS, PageGeometry, P
 from qwenvl_cli.progress import SILENT, Feedback
 
 if TYPE_CHECKING:
-    from qwenvl_cli.media.video import SampledVideo, VideoOptions
+    from qwenvl_cli.media.video import SampledVideo
 
 
 @dataclass(frozen=True)
@@ -188,8 +188,8 @@ def _clips(item, source, options: SourceOptions, on_warning, feedback: Feedback)
     video_options = options.video or VideoOptions()
     if options.segment is None:
         sampled = sample_video(source, item.name, video_options)
-        for note in sampled.notes:
-            on_warning(f"{item.name}: {note}")
+        for note in sampled.notes:  # each already names the file
+            on_warning(note)
         yield Clip(item.name, sampled, None, offset=sampled.timestamps[0])
         return
     info = probe_video(source, item.name)
@@ -208,7 +208,7 @@ def _clips(item, source, options: SourceOptions, on_warning, feedback: Feedback)
             feedback.page_done()
             continue
         for note in sampled.notes:
-            on_warning(f"{labelled(item.name, part)}: {note}")
+            on_warning(_named(note, item.name, part))
         yield Clip(item.name, sampled, part, offset=sampled.timestamps[0])
         feedback.page_done()
 
