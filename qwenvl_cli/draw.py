@@ -130,8 +130,11 @@ def image_format(path: Path) -> str | None:
 
 
 def save_image(image: Image.Image, path: Path, name: str) -> None:
-    """Write `image` to `path` in the format its suffix names (.png, .jpg, .webp, ...). `name` is the
-    picture it was drawn from, for the message. Unknown suffixes and unwritable paths are UsageErrors."""
+    """Write `image` to `path` (a new file: never over an existing one, never through a link) in the format
+    its suffix names (.png, .jpg, .webp, ...). `name` is the picture it was drawn from, for the message.
+    An unknown suffix is a UsageError; a failed write an OutputError (that input's error), no file left."""
+    from qwenvl_cli.output import new_file
+
     path = Path(path)
     fmt = image_format(path)
     if fmt is None:
@@ -141,11 +144,8 @@ def save_image(image: Image.Image, path: Path, name: str) -> None:
         )
     if fmt in ("JPEG", "BMP", "PPM") and image.mode not in ("RGB", "L"):
         image = image.convert("RGB")
-    try:
-        image.save(path, format=fmt)
-    except OSError as exc:
-        reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
-        raise UsageError(f"{name}: cannot write the drawing to {path}: {reason}") from None
+    with new_file(path, name) as f:
+        image.save(f, format=fmt)
 
 
 __all__ = ["PALETTE", "draw_detections", "label_colours", "save_image"]

@@ -34,3 +34,11 @@ class PromptError(QwenVLError):
 
 class AnswerError(QwenVLError):
     """The model's answer cannot be read as the task needs (no JSON, cut off before anything complete)."""
+
+
+class OutputError(QwenVLError):
+    """A result file (--output-dir, --draw, --sheet) cannot be written: an error of that input only."""
+
+
+class StdoutError(QwenVLError):
+    """Standard output is closed or cannot take the answers (a full disk): the run stops."""

@@ -76,6 +76,19 @@ def _read_pipe(path: Path, name: str) -> bytes:
         os.close(fd)
 
 
+def _read_bounded(stream: BinaryIO, limit: int | None = None) -> bytes | None:
+    """All of `stream`, or None as soon as it holds more than `limit` bytes (default MAX_PIPE_BYTES):
+    `qwenvl describe - < /dev/zero` is refused after reading the limit, not after filling memory."""
+    limit = MAX_PIPE_BYTES if limit is None else limit
+    chunks, total = [], 0
+    while chunk := stream.read(1 << 20):
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            return None
+    return b"".join(chunks)
+
+
 def expand_inputs(
     args: list[str], stdin: BinaryIO | None, recursive: bool = False, videos: bool = False
 ) -> list[InputItem]:
@@ -133,7 +146,11 @@ def _from_directory(arg: str, recursive: bool, suffixes: set[str]) -> list[Input
 
 
 def _from_stdin(stdin: BinaryIO | None) -> list[InputItem]:
-    data = stdin.read() if stdin is not None else b""
+    if stdin is None:
+        return [InputItem("-", error="-: standard input is closed")]
+    data = _read_bounded(stdin)
+    if data is None:
+        return [InputItem("-", error=f"-: more than {MAX_PIPE_BYTES >> 20} MiB on standard input; pass the file by name")]
     if not data:
         return [InputItem("-", data=b"")]
     try:

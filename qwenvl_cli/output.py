@@ -1,22 +1,94 @@
 """The only writer to stdout. Text answers stream as they are generated; with --json each answer (or
 failed input) is one JSON object on its own line. Diagnostics go to stderr, one line each.
+
+File names come from users and file systems: in messages and headers their control characters are
+shown escaped (a newline cannot split a line, an ESC cannot reach the terminal), and bytes that are not
+UTF-8 become U+FFFD, in text and JSON alike (so --json output is always valid UTF-8).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, BinaryIO, Iterator, Sequence, TextIO
 
-from qwenvl_cli.errors import UsageError
+from qwenvl_cli.errors import OutputError, UsageError
 from qwenvl_cli.inputs import display_base
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_C1 = re.compile(r"[\x7f-\x9f]")  # json.dumps escapes C0 itself
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # os.fsdecode's escapes of bytes that are not UTF-8
+
+
+def printable(text: str) -> str:
+    """`text` safe for one terminal line: control characters as escapes (\\n, \\x1b), non-UTF-8 bytes as U+FFFD."""
+    return _CONTROL.sub(lambda m: repr(m[0])[1:-1], _SURROGATE.sub("\ufffd", text))
+
+
+def json_line(record: dict[str, Any], indent: int | None = None) -> str:
+    """The record as JSON text that is valid UTF-8 and holds no raw control character."""
+    text = json.dumps(record, ensure_ascii=False, indent=indent)
+    return _C1.sub(lambda m: f"\\u{ord(m[0]):04x}", _SURROGATE.sub("\ufffd", text))
+
+
+def free_path(path: Path, used: set[Path]) -> Path:
+    """`path`, or `NAME-2.ext`, `NAME-3.ext` ... : the first that this run has not written and that does not
+    exist (a file, a directory, or a symlink, even a dangling one): qwenvl never overwrites a file and never
+    writes through a link."""
+    candidate, n = path, 1
+    while candidate in used or os.path.lexists(candidate):
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    used.add(candidate)
+    return candidate
+
+
+@contextmanager
+def new_file(path: Path, what: str) -> Iterator[BinaryIO]:
+    """A file created for writing that did not exist before (O_EXCL, no symlink followed). On any failure
+    the partial file is removed and an OutputError names `what` and the reason: an error of that input."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as exc:
+        raise OutputError(f"{what}: cannot write {path} ({exc.strerror or exc})") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+    except BaseException as exc:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise OutputError(f"{what}: cannot write {path} ({exc.strerror or exc})") from exc
+        raise
+
+
+def emit(out: TextIO, text: str) -> None:
+    """Write and flush `text` on stdout; a stream that cannot take it (closed, a full disk) stops the run
+    with one line (a reader that went away, BrokenPipeError, stays a quiet stop)."""
+    try:
+        out.write(text)
+        out.flush()
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError) as exc:
+        from qwenvl_cli.errors import StdoutError
+
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise StdoutError(f"standard output: cannot write the answers ({reason})") from exc
 
 
 def warn(message: str, err: TextIO | None = None) -> None:
-    """One diagnostic line on stderr."""
+    """One diagnostic line on stderr (nowhere when stderr is closed)."""
     err = err or sys.stderr
-    err.write(f"qwenvl: {message}\n")
+    if err is None:
+        return
+    err.write(f"qwenvl: {printable(message)}\n")
     err.flush()
 
 
@@ -34,15 +106,13 @@ class Printer:
         if self.json_mode:
             return
         if self.multi or header:
-            self.out.write(("\n" if self._answers else "") + f"==> {name} <==\n")
-            self.out.flush()
+            emit(self.out, ("\n" if self._answers else "") + f"==> {printable(name)} <==\n")
 
     def piece(self, text: str) -> None:
         """A streamed piece of the current answer (text mode only)."""
         if self.json_mode or not text:
             return
-        self.out.write(text)
-        self.out.flush()
+        emit(self.out, text)
         self._line_open = not text.endswith("\n")
 
     def done(self, record: dict[str, Any], rendered: str | None = None) -> None:
@@ -50,18 +120,18 @@ class Printer:
         streamed) or the newline that closes the streamed text."""
         self._answers += 1
         if self.json_mode:
-            self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            text = json_line(record) + "\n"
         elif rendered is not None:
-            self.out.write(rendered if rendered.endswith("\n") or not rendered else rendered + "\n")
-        elif self._line_open:
-            self.out.write("\n")
+            text = rendered if rendered.endswith("\n") or not rendered else rendered + "\n"
+        else:
+            text = "\n" if self._line_open else ""
         self._line_open = False
-        self.out.flush()
+        emit(self.out, text)
 
     def failed(self, name: str | list[str], message: str, part=None) -> None:
         """A failed input (or page, or segment: `part`): its line on stderr, and with --json its record."""
         if self._line_open:  # an answer was cut off mid-line
-            self.out.write("\n")
+            emit(self.out, "\n")
             self._line_open = False
         warn(message, self.err)
         if self.json_mode:
@@ -69,60 +139,54 @@ class Printer:
             if part is not None:
                 record.update(part.fields)
             record["error"] = message
-            self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            self.out.flush()
+            emit(self.out, json_line(record) + "\n")
 
 
 class FileWriter:
     """--output-dir: one result file per answer, named after the input's file name, then `.pN` for a PDF
-    page (`.sN` for a video segment), then the suffix (`cat.jpg` -> `cat.jpg.txt`, `doc.pdf` page 3 -> `doc.pdf.p3.json`); CSV tables
-    one file each (`doc.pdf.p3.table2.csv`). A name repeated in one run gets -2, -3 ... before the
-    suffix. The path of each file written is printed on stdout."""
+    page (`.sN` for a video segment), then the suffix (`cat.jpg` -> `cat.jpg.txt`, `doc.pdf` page 3 ->
+    `doc.pdf.p3.json`); CSV tables one file each (`doc.pdf.p3.table2.csv`). A name already written in this
+    run, or already in the directory, gets -2, -3 ... before the suffix: nothing is overwritten, no link
+    followed. The path of each file written is printed on stdout."""
 
     def __init__(self, directory: Path, json_mode: bool, out: TextIO | None = None) -> None:
         self.directory = directory
         self.json_mode = json_mode
         self.out = out or sys.stdout
-        self.used: set[str] = set()
+        self.used: set[Path] = set()
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UsageError(f"--output-dir {directory}: cannot create the directory ({exc.strerror})") from None
+            raise UsageError(f"--output-dir {directory}: cannot create the directory ({exc.strerror})") from exc
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise UsageError(f"--output-dir {directory}: the directory is not writable")
 
     def path_for(self, name: str, part=None, suffix: str | None = None) -> Path:
         base = display_base(name)
         if part is not None:
             base += f".{part.tag}"
         suffix = suffix or (".json" if self.json_mode else ".txt")
-        candidate, n = base + suffix, 1
-        while candidate in self.used:
-            n += 1
-            candidate = f"{base}-{n}{suffix}"
-        self.used.add(candidate)
-        return self.directory / candidate
+        return free_path(self.directory / (base + suffix), self.used)
 
     def write(
         self, name: str, record: dict[str, Any], part=None, text: str | None = None, suffix: str | None = None
     ) -> Path:
         """The record as JSON with --json, else `text` (default: the record's "text")."""
         if self.json_mode:
-            body = json.dumps(record, ensure_ascii=False, indent=2)
+            body = json_line(record, indent=2)
         else:
             body = record["text"] if text is None else text
-        return self._write(self.path_for(name, part, None if self.json_mode else suffix), body)
+        return self._write(self.path_for(name, part, None if self.json_mode else suffix), body, name)
 
     def write_each(self, name: str, part, bodies: Sequence[str], stem: str, suffix: str) -> list[Path]:
         """Several files for one answer (`stem` numbered from 1), e.g. one CSV per table."""
         base = name if part is None else f"{name}.{part.tag}"
-        return [self._write(self.path_for(f"{base}.{stem}{i}", None, suffix), b) for i, b in enumerate(bodies, 1)]
+        return [self._write(self.path_for(f"{base}.{stem}{i}", None, suffix), b, name) for i, b in enumerate(bodies, 1)]
 
-    def _write(self, path: Path, body: str) -> Path:
-        try:
-            path.write_text(body if body.endswith("\n") else body + "\n", encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"{path}: cannot write ({exc.strerror})") from None
-        self.out.write(f"{path}\n")
-        self.out.flush()
+    def _write(self, path: Path, body: str, name: str) -> Path:
+        with new_file(path, name) as f:
+            f.write((body if body.endswith("\n") else body + "\n").encode("utf-8", "replace"))
+        emit(self.out, f"{printable(str(path))}\n")
         return path
 
 
@@ -145,7 +209,11 @@ class Sink:
             self.printer.piece(text)
 
     def failed(self, outcome, name) -> None:
+        """The error line; with --json its record too (with --output-dir, in the input's own file)."""
         self.printer.failed(name, outcome.error, outcome.part)
+        if self.writer is not None and self.writer.json_mode:
+            record = {"file": name, **(outcome.part.fields if outcome.part else {}), "error": outcome.error}
+            self.writer.write(outcome.names[0], record, outcome.part)
 
     def done(self, outcome, record: dict[str, Any], rendered) -> None:
         """One answer out: its JSON line, its text (streamed already when `rendered.text` is None and

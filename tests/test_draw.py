@@ -9,7 +9,7 @@ from PIL import Image
 
 from qwenvl_cli.boxes import Detection
 from qwenvl_cli.draw import PALETTE, draw_detections, label_colours, save_image
-from qwenvl_cli.errors import UsageError
+from qwenvl_cli.errors import OutputError, UsageError
 
 WHITE = (255, 255, 255)
 
@@ -130,8 +130,9 @@ def test_bad_suffix(tmp_path: Path, name: str) -> None:
 
 
 def test_unwritable_path(tmp_path: Path) -> None:
+    # A drawing that cannot be written is an error of that picture (the batch goes on), not a usage error.
     path = tmp_path / "missing-dir" / "boxes.png"
-    with pytest.raises(UsageError) as err:
+    with pytest.raises(OutputError) as err:
         save_image(white(), path, "photo.jpg")
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 

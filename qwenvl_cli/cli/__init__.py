@@ -36,6 +36,14 @@ from qwenvl_cli.cli import describe, extract, ground, manage, video  # noqa: E40
 
 
 def main() -> None:
+    import os
+    import sys
+
+    if sys.stderr is None:  # started with 2>&- : run all the same, with nowhere to say anything
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 -- for the life of the process
+    if sys.stdout is None:  # started with >&- : answers would go nowhere
+        sys.stderr.write("qwenvl: standard output is closed: there is nowhere to write the answers\n")
+        raise SystemExit(1)
     app()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -110,6 +111,8 @@ def reported_errors() -> Iterator[None]:
     except typer.Exit:
         raise
     except KeyboardInterrupt:
+        # A second Ctrl-C while shutting down must not print a traceback from some finaliser.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         _flush_quietly()
         from qwenvl_cli.output import warn
 
@@ -117,16 +120,26 @@ def reported_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly, as Unix tools do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _discard_stdout()
         raise typer.Exit(141) from None
     except Exception as exc:  # noqa: BLE001
+        from qwenvl_cli.errors import StdoutError
         from qwenvl_cli.output import warn
 
+        if isinstance(exc, StdoutError):
+            _discard_stdout()  # what is still buffered must not fail again at exit
         if os.environ.get("QWENVL_DEBUG") == "1":
             raise
         code = exc.exit_code if isinstance(exc, QwenVLError) else 1
         warn(str(exc) if isinstance(exc, QwenVLError) else f"internal error: {type(exc).__name__}: {exc}")
         raise typer.Exit(code) from None
+
+
+def _discard_stdout() -> None:
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _flush_quietly() -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 
 import typer
 
 from qwenvl_cli.cli.common import Common
 from qwenvl_cli.engine import Engine, model_label
-from qwenvl_cli.errors import UsageError
+from qwenvl_cli.errors import OutputError, UsageError
 from qwenvl_cli.hub import model_reference
 from qwenvl_cli.inputs import expand_inputs
 from qwenvl_cli.output import Sink, warn
@@ -86,6 +87,12 @@ def load_engine(opts: Common, feedback: Feedback, log) -> tuple[Engine, str]:
     lo, hi = opts.min_pixels or pre.min_pixels, opts.max_pixels or pre.max_pixels
     if lo > hi:
         raise UsageError(f"pixel bounds are impossible: min {lo} > max {hi} (see --min-pixels/--max-pixels)")
+    context = engine.model.config.text.max_position_embeddings
+    if lo // pre.factor**2 >= context:  # the smallest picture alone would overflow the context
+        raise UsageError(
+            f"--min-pixels {lo:,}: an image that small already needs {lo // pre.factor**2:,} vision tokens, "
+            f"over the model's context of {context:,}"
+        )
     return engine, model_label(ref)
 
 
@@ -94,7 +101,8 @@ def run_task(task: Task, opts: Common) -> None:
     check_sampling_options(opts)
     source_opts = source_options(opts, task)
     task.together = opts.together
-    items = expand_inputs(opts.inputs, sys.stdin.buffer if "-" in opts.inputs else None, opts.recursive, task.videos)
+    stdin = sys.stdin.buffer if "-" in opts.inputs and sys.stdin is not None else None  # None: closed (<&-)
+    items = expand_inputs(opts.inputs, stdin, opts.recursive, task.videos)
     several_parts = source_opts.pages is not None or source_opts.segment is not None
     sink = Sink(opts.json, opts.output_dir, multi=len(items) > 1 or several_parts, streaming=task.streams)
 
@@ -109,14 +117,19 @@ def run_task(task: Task, opts: Common) -> None:
     failures = 0
     outcomes = runner.run(engine, items, task.plan, request, sink.start, sink.piece, warn, feedback)
     for outcome in outcomes:
+        try:
+            if outcome.error is None:
+                rendered = task.render(outcome)  # may write a --draw / --sheet file
+                for note in rendered.notes:
+                    warn(note)
+                record = {**envelope(outcome, opts.together), **rendered.fields, **usage(outcome, label)}
+                sink.done(outcome, record, rendered)
+        except OutputError as exc:  # a result file that cannot be written fails this input only
+            outcome = replace(outcome, error=str(exc))
         if outcome.error is not None:
             failures += 1
             sink.failed(outcome, list(outcome.names) if opts.together and len(outcome.names) > 1 else outcome.names[0])
             continue
-        rendered = task.render(outcome)
-        for note in rendered.notes:
-            warn(note)
-        sink.done(outcome, {**envelope(outcome, opts.together), **rendered.fields, **usage(outcome, label)}, rendered)
         a = outcome.answer
         log(
             f"{outcome.label}: preprocess {outcome.preprocess:.2f}s; {a.prompt_tokens} prompt tokens, prefill "

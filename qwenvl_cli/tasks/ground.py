@@ -8,6 +8,7 @@ dropped; PDF pages also get PDF points.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -17,6 +18,7 @@ from qwenvl_cli.engine import Answer
 from qwenvl_cli.errors import AnswerError, UsageError
 from qwenvl_cli.inputs import display_base, is_file
 from qwenvl_cli.jsonfix import LenientJSONError, parse_lenient
+from qwenvl_cli.output import free_path
 from qwenvl_cli.tasks.base import Rendered, Task
 from qwenvl_cli.tasks.runner import Job, Outcome, Seen
 from qwenvl_cli.tasks.sources import Part
@@ -148,18 +150,23 @@ def draw_target(raw: str, option: str = "--draw") -> Path:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"{option} {raw}: cannot create the directory ({exc.strerror})") from exc
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"{option} {raw}: the directory is not writable")
         return path
     if image_format(path) is None:
         raise UsageError(f"{option} {raw}: unknown image suffix {path.suffix or '(none)'!r} (use .png, .jpg or .webp)")
     if not path.parent.is_dir():
         raise UsageError(f"{option} {raw}: no directory {path.parent}")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {raw}: the directory {path.parent} is not writable")
     return path
 
 
 def draw_path(draw: Path, name: str, part: Part | None, several: bool, used: set[Path], kind: str = "boxes") -> Path:
     """Where --draw (or video's --sheet) writes one picture. OUT.png itself for a single input; with
     several inputs `OUT-<input stem>.png`, and a part adds its tag (`OUT-p2.png`, `OUT-scan-p2.png`). A
-    directory gets `<input name>[.pN].<kind>.png` inside. A path already written in this run gets -2, -3..."""
+    directory gets `<input name>[.pN].<kind>.png` inside. A path already written in this run, or that
+    exists (the input itself, an earlier file, a symlink), gets -2, -3...: nothing is overwritten."""
     if draw.is_dir():
         base = display_base(name)
         path = draw / (base + (f".{part.tag}" if part is not None else "") + f".{kind}.png")
@@ -170,12 +177,7 @@ def draw_path(draw: Path, name: str, part: Part | None, several: bool, used: set
         if part is not None:
             parts.append(part.tag)
         path = draw.with_name("-".join([draw.stem, *parts]) + draw.suffix) if parts else draw
-    candidate, n = path, 1
-    while candidate in used:
-        n += 1
-        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
-    used.add(candidate)
-    return candidate
+    return free_path(path, used)
 
 
 class GroundTask(Task):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from qwenvl_cli.engine import Answer, Engine
-from qwenvl_cli.errors import InputError, PromptError, QwenVLError
+from qwenvl_cli.errors import InputError, PromptError, QwenVLError, StdoutError
 from qwenvl_cli.generate import SamplingParams
 from qwenvl_cli.inputs import InputItem
 from qwenvl_cli.media.image import ProcessedImage, preprocess_image
@@ -124,10 +124,14 @@ def run(
                         spent = time.perf_counter() - start
                         on_start(Outcome((item.name,), source.part))
                         answer, result = _answer(engine, seen, plan, req, on_text)
+                    except StdoutError:
+                        raise  # the answers have nowhere to go: stop the run
                     except QwenVLError as exc:  # this part failed; the input's other parts still answer
                         yield Outcome((item.name,), source.part, error=_named(str(exc), source.label, item.name))
                         continue
                     yield Outcome((item.name,), source.part, answer, result, seen=seen, preprocess=spent)
+            except StdoutError:
+                raise
             except QwenVLError as exc:
                 yield Outcome((item.name,), error=str(exc))
             feedback.input_done()
@@ -172,6 +176,8 @@ def _run_together(engine, items, plan, req, on_start, on_text, on_warning, feedb
     try:
         on_start(Outcome(names))
         answer, result = _answer(engine, seen, plan, req, on_text)
+    except StdoutError:
+        raise
     except QwenVLError as exc:
         yield Outcome(names, error=_named(str(exc), ", ".join(names), names[0]))
         return
