@@ -154,6 +154,7 @@ class FileWriter:
         self.json_mode = json_mode
         self.out = out or sys.stdout
         self.used: set[Path] = set()
+        self.joined: dict[str, Path] = {}  # input name -> its one file (write_joined)
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -183,6 +184,20 @@ class FileWriter:
         base = name if part is None else f"{name}.{part.tag}"
         return [self._write(self.path_for(f"{base}.{stem}{i}", None, suffix), b, name) for i, b in enumerate(bodies, 1)]
 
+    def write_joined(self, name: str, text: str, suffix: str | None) -> Path:
+        """One file per input, `NAME.suffix`: the first part creates it, later parts append to it."""
+        path = self.joined.get(name)
+        if path is None:
+            path = self.joined[name] = self._write(self.path_for(name, None, suffix), text, name)
+        elif text:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0))
+                with os.fdopen(fd, "ab") as f:
+                    f.write((text if text.endswith("\n") else text + "\n").encode("utf-8", "replace"))
+            except OSError as exc:
+                raise OutputError(f"{name}: cannot write {path} ({exc.strerror or exc})") from exc
+        return path
+
     def _write(self, path: Path, body: str, name: str) -> Path:
         with new_file(path, name) as f:
             f.write((body if body.endswith("\n") else body + "\n").encode("utf-8", "replace"))
@@ -194,15 +209,16 @@ class Sink:
     """Where a run's outcomes go: stdout (streamed text with `==>` headers, or --json lines), or with
     --output-dir one file per answer (stdout then lists the files; errors stay on stderr)."""
 
-    def __init__(self, json_mode: bool, output_dir: str | None, multi: bool, streaming: bool) -> None:
+    def __init__(self, json_mode: bool, output_dir: str | None, multi: bool, streaming: bool, join_parts: bool = False) -> None:
         self.writer = FileWriter(Path(output_dir), json_mode) if output_dir else None
         self.printer = Printer(json_mode and self.writer is None, multi=multi)
         self.streaming = streaming and not json_mode and self.writer is None
+        self.join_parts = join_parts and not json_mode  # one file per input for the parts' texts
 
     def start(self, outcome) -> None:
         """An answer begins: its header, unless the answer goes to a file."""
         if self.streaming or self.writer is None:
-            self.printer.start(outcome.label, header=outcome.part is not None)
+            self.printer.start(outcome.label, header=outcome.part is not None and not self.join_parts)
 
     def piece(self, text: str) -> None:
         if self.streaming:
@@ -221,6 +237,8 @@ class Sink:
         text = None if self.streaming else rendered.text
         if self.writer is None:
             self.printer.done(record, text)
+        elif self.join_parts:
+            self.writer.write_joined(outcome.names[0], text, rendered.suffix)
         elif rendered.files is not None:
             stem, suffix, bodies = rendered.files
             self.writer.write_each(outcome.names[0], outcome.part, bodies, stem, suffix)

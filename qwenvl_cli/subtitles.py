@@ -33,19 +33,24 @@ def _end(event: Timed) -> float:
     return event.end if event.end > event.start else event.start + 1.0
 
 
-def to_srt(events: Iterable[Timed]) -> str:
+def _cues(events: Iterable[Timed]) -> list[Timed]:
+    return [e for e in events if math.isfinite(e.start) and math.isfinite(e.end)]
+
+
+def to_srt(events: Iterable[Timed], first: int = 1) -> str:
+    """SubRip cues numbered from `first` (a later segment of the same file continues the numbering)."""
     cues = [
         f"{i}\n{_clock(e.start, ',')} --> {_clock(_end(e), ',')}\n{_text(e.label)}\n"
-        for i, e in enumerate(events, 1)
-        if math.isfinite(e.start) and math.isfinite(e.end)
+        for i, e in enumerate(_cues(events), first)
     ]
     return "\n".join(cues)
 
 
-def to_vtt(events: Iterable[Timed]) -> str:
-    cues = [
-        f"{_clock(e.start, '.')} --> {_clock(_end(e), '.')}\n{_text(e.label)}\n"
-        for e in events
-        if math.isfinite(e.start) and math.isfinite(e.end)
-    ]
-    return "WEBVTT\n\n" + "\n".join(cues)
+def to_vtt(events: Iterable[Timed], header: bool = True) -> str:
+    """WebVTT cues, after the `WEBVTT` header unless they continue an earlier segment's."""
+    cues = [f"{_clock(e.start, '.')} --> {_clock(_end(e), '.')}\n{_text(e.label)}\n" for e in _cues(events)]
+    return ("WEBVTT\n\n" if header else "") + "\n".join(cues)
+
+
+def cue_count(events: Iterable[Timed]) -> int:
+    return len(_cues(events))

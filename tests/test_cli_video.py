@@ -222,3 +222,20 @@ def test_image_commands_refuse_videos_and_directories_include_them(model_dir, cl
     assert [x["file"] for x in json_lines(r.stdout)] == [str(folder / "a.png"), str(folder / "b.mp4")]
     r = run("extract", str(folder), "-r", "--model", model_dir, "--json", "--max-new-tokens", "1")
     assert [x["file"] for x in json_lines(r.stdout)] == [str(folder / "a.png")]
+
+
+def test_subtitles_of_segments_form_one_file(model_dir, clip, canned, tmp_path):
+    canned('[{"start_time": "00:00.50", "end_time": "00:01.00", "description": "step"}]')
+    srt = run("video", str(clip), "--segment", "2", "--events", "--format", "srt", "--model", model_dir, *SMALL)
+    assert srt.exit_code == 0, srt.stderr
+    # One SubRip document: cues numbered on across the three segments, each at its absolute time.
+    assert srt.stdout == ("1\n00:00:00,500 --> 00:00:01,000\nstep\n\n"
+                          "2\n00:00:02,500 --> 00:00:03,000\nstep\n\n"
+                          "3\n00:00:04,500 --> 00:00:05,000\nstep\n")
+    r = run("video", str(clip), "--segment", "2", "--events", "--format", "vtt", "--model", model_dir,
+            "-o", str(tmp_path), *SMALL)
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.splitlines() == [str(tmp_path / "clip.mp4.vtt")]
+    text = (tmp_path / "clip.mp4.vtt").read_text()
+    assert text.count("WEBVTT") == 1 and text.count(" --> ") == 3
+    assert text.split("\n\n")[3] == "00:00:04.500 --> 00:00:05.000\nstep\n"

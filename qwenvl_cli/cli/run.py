@@ -104,7 +104,9 @@ def run_task(task: Task, opts: Common) -> None:
     stdin = sys.stdin.buffer if "-" in opts.inputs and sys.stdin is not None else None  # None: closed (<&-)
     items = expand_inputs(opts.inputs, stdin, opts.recursive, task.videos)
     several_parts = source_opts.pages is not None or source_opts.segment is not None
-    sink = Sink(opts.json, opts.output_dir, multi=len(items) > 1 or several_parts, streaming=task.streams)
+    several_parts = several_parts and not task.joins_parts
+    sink = Sink(opts.json, opts.output_dir, multi=len(items) > 1 or several_parts, streaming=task.streams,
+                join_parts=task.joins_parts)
 
     def log(message: str) -> None:
         if opts.verbose:

@@ -150,6 +150,10 @@ class VideoTask(Task):
             raise UsageError("--find is empty: say what to look for, e.g. --find 'the ball hits the ground'")
         self.mode, self.prompt, self.query, self.fmt, self.sheet = mode, prompt, query, fmt, sheet
         self.streams = mode == "describe"
+        # Subtitles of a video's segments form one file: numbering goes on, one WEBVTT header.
+        self.joins_parts = fmt in ("srt", "vtt")
+        self.cues: dict[str, int] = {}  # input name -> cues written so far
+        self.headed: set[str] = set()  # inputs whose WEBVTT header is out
         self.several = False
         self.drawn: set[Path] = set()
 
@@ -187,7 +191,7 @@ class VideoTask(Task):
             events = timeline.events
             fields = {"query": self.query.strip()} if self.mode == "find" else {}
             fields["events"] = [{"start": e.start, "end": e.end, "label": e.label} for e in events]
-            text, suffix = self._text(events), {"json": ".json", "srt": ".srt", "vtt": ".vtt"}.get(self.fmt)
+            text, suffix = self._text(events, outcome.names[0]), {"json": ".json", "srt": ".srt", "vtt": ".vtt"}.get(self.fmt)
             if timeline.truncated:
                 notes = (f"{outcome.label}: the answer hit --max-new-tokens; showing the complete events",)
         if self.sheet is not None:
@@ -195,13 +199,18 @@ class VideoTask(Task):
             fields["sheet"] = str(path)
         return Rendered(fields, text, suffix, notes=notes)
 
-    def _text(self, events: Sequence[Event]) -> str:
-        from qwenvl_cli.subtitles import to_srt, to_vtt
+    def _text(self, events: Sequence[Event], name: str) -> str:
+        from qwenvl_cli.subtitles import cue_count, to_srt, to_vtt
 
-        if self.fmt == "srt":
-            return to_srt(events)
-        if self.fmt == "vtt":
-            return to_vtt(events)
+        if self.joins_parts:
+            before = self.cues.get(name, 0)
+            self.cues[name] = before + cue_count(events)
+            if self.fmt == "srt":
+                text = to_srt(events, first=before + 1)
+                return "\n" + text if before and text else text  # a blank line between cues of two segments
+            text = to_vtt(events, header=name not in self.headed)
+            self.headed.add(name)
+            return "\n" + text if before and text else text
         if self.fmt == "json":
             return json.dumps([{"start": e.start, "end": e.end, "label": e.label} for e in events], ensure_ascii=False, indent=2)
         return timeline_text(events)
