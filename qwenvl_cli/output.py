@@ -47,6 +47,18 @@ def free_path(path: Path, used: set[Path]) -> Path:
     return candidate
 
 
+def writable_directory(path: Path, option: str) -> Path:
+    """`path`, created if needed, checked writable before any work (a read-only file system included): a
+    UsageError naming `option` otherwise."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{option}: cannot create the directory ({exc.strerror})") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{option}: the directory is not writable")
+    return path
+
+
 @contextmanager
 def new_file(path: Path, what: str) -> Iterator[BinaryIO]:
     """A file created for writing that did not exist before (O_EXCL, no symlink followed). On any failure
@@ -155,12 +167,7 @@ class FileWriter:
         self.out = out or sys.stdout
         self.used: set[Path] = set()
         self.joined: dict[str, Path] = {}  # input name -> its one file (write_joined)
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"--output-dir {directory}: cannot create the directory ({exc.strerror})") from exc
-        if not os.access(directory, os.W_OK | os.X_OK):
-            raise UsageError(f"--output-dir {directory}: the directory is not writable")
+        writable_directory(directory, f"--output-dir {directory}")
 
     def path_for(self, name: str, part=None, suffix: str | None = None) -> Path:
         base = display_base(name)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from qwenvl_cli.errors import AnswerError
+from qwenvl_cli.jsonfix import LenientJSONError, parse_lenient
 from qwenvl_cli.tasks.runner import Job, Outcome, Seen
 from qwenvl_cli.tasks.sources import Clip
 
@@ -89,3 +91,18 @@ def usage(outcome: Outcome, model: str) -> dict[str, Any]:
         "finish_reason": a.finish_reason,
         "model": model,
     }
+
+
+def json_answer(answer, what: str) -> Any:
+    """The JSON in the model's answer, read leniently (fences, trailing commas, a list cut off mid-item).
+    None there: an AnswerError saying the answer was cut off before any complete `what` (a box, an event),
+    or that it holds no JSON list of them."""
+    try:
+        return parse_lenient(answer.text)
+    except LenientJSONError as exc:
+        if answer.finish_reason == "length":
+            raise AnswerError(
+                f"the answer was cut off at {answer.completion_tokens} tokens before any complete {what} "
+                "(raise --max-new-tokens)"
+            ) from exc
+        raise AnswerError(f"the model's answer holds no JSON list of {what}s: {answer.text[:80]!r}") from exc

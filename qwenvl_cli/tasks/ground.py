@@ -17,9 +17,8 @@ from qwenvl_cli.boxes import Detection, detections_from_json, to_original
 from qwenvl_cli.engine import Answer
 from qwenvl_cli.errors import AnswerError, UsageError
 from qwenvl_cli.inputs import display_base, is_file
-from qwenvl_cli.jsonfix import LenientJSONError, parse_lenient
-from qwenvl_cli.output import free_path
-from qwenvl_cli.tasks.base import Rendered, Task
+from qwenvl_cli.output import free_path, writable_directory
+from qwenvl_cli.tasks.base import Rendered, Task, json_answer
 from qwenvl_cli.tasks.runner import Job, Outcome, Seen
 from qwenvl_cli.tasks.sources import Part
 
@@ -64,15 +63,7 @@ class Found:
 
 def read_detections(answer: Answer, seen: Seen) -> Found:
     """The model's JSON -> detections in original pixels (+ PDF points for a page)."""
-    try:
-        value = parse_lenient(answer.text)
-    except LenientJSONError:
-        if answer.finish_reason == "length":
-            raise AnswerError(
-                f"the answer was cut off at {answer.completion_tokens} tokens before any complete box "
-                "(raise --max-new-tokens)"
-            ) from None
-        raise AnswerError(f"the model's answer holds no JSON list of boxes: {answer.text[:80]!r}") from None
+    value = json_answer(answer, "box")
     image = seen.image
     found = to_original(detections_from_json(value), image.resized_size, image.original_size)
     if not found and answer.finish_reason == "length" and value in ([], {}):
@@ -146,13 +137,7 @@ def draw_target(raw: str, option: str = "--draw") -> Path:
 
     path = Path(raw).expanduser()
     if raw.endswith(("/", "\\")) or path.is_dir():
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"{option} {raw}: cannot create the directory ({exc.strerror})") from exc
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise UsageError(f"{option} {raw}: the directory is not writable")
-        return path
+        return writable_directory(path, f"{option} {raw}")
     if image_format(path) is None:
         raise UsageError(f"{option} {raw}: unknown image suffix {path.suffix or '(none)'!r} (use .png, .jpg or .webp)")
     if not path.parent.is_dir():

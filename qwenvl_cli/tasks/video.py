@@ -17,8 +17,7 @@ from typing import Sequence
 
 from qwenvl_cli.engine import Answer
 from qwenvl_cli.errors import AnswerError, UsageError
-from qwenvl_cli.jsonfix import LenientJSONError, parse_lenient
-from qwenvl_cli.tasks.base import Rendered, Task
+from qwenvl_cli.tasks.base import Rendered, Task, json_answer
 from qwenvl_cli.tasks.ground import draw_path
 from qwenvl_cli.tasks.runner import Job, Outcome, Seen
 from qwenvl_cli.tasks.sources import Clip
@@ -100,20 +99,12 @@ def parse_clock(text: str) -> float:
 
     try:
         return parse_time(str(text).strip().rstrip("s"))
-    except UsageError:
-        raise AnswerError(f"the model gave a time that cannot be read: {text!r}") from None
+    except UsageError as exc:
+        raise AnswerError(f"the model gave a time that cannot be read: {text!r}") from exc
 
 
 def read_events(answer: Answer, clip: Clip) -> Timeline:
-    try:
-        value = parse_lenient(answer.text)
-    except LenientJSONError:
-        if answer.finish_reason == "length":
-            raise AnswerError(
-                f"the answer was cut off at {answer.completion_tokens} tokens before any complete event "
-                "(raise --max-new-tokens)"
-            ) from None
-        raise AnswerError(f"the model's answer holds no JSON list of events: {answer.text[:80]!r}") from None
+    value = json_answer(answer, "event")
     items = value if isinstance(value, list) else [value]
     events = []
     for item in items:
