@@ -1,5 +1,6 @@
 """Small PDFs built in code for the tests: hand-written files (so every box, /Rotate and drawing is known
-exactly), an encrypted one (pypdf, RC4 so no crypto package is needed) and broken ones."""
+exactly), an encrypted one (pypdf, RC4 so no crypto package is needed), broken ones and hostile ones (a form
+that draws itself; an XFA form)."""
 
 from __future__ import annotations
 
@@ -37,11 +38,24 @@ def _box(b) -> str:
     return "[" + " ".join(f"{v:g}" for v in b) + "]"
 
 
-def build_pdf(pages: list[FixturePage]) -> bytes:
-    """A complete PDF (catalog, page tree, one content stream per page, Helvetica, exact xref)."""
+def build_pdf(pages: list[FixturePage], forms: dict[str, bytes] | None = None, catalog: str = "") -> bytes:
+    """A complete PDF (catalog, page tree, one content stream per page, Helvetica, exact xref).
+
+    `forms`: form XObjects by name, each an A4-sized content stream; every page and every form has all of
+    them in its resources (so `/X Do` draws form X, and a form may draw itself). `catalog`: more entries of
+    the document catalog, as PDF source text."""
     objects: list[bytes] = [b"", b""]  # 1: catalog, 2: page tree, filled in below
     font_id = 3
     objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
+    forms = forms or {}
+    first_form = len(objects) + 1
+    xobjects = "".join(f" /{name} {first_form + i} 0 R" for i, name in enumerate(forms))
+    resources = f"/Font << /F1 {font_id} 0 R >>" + (f" /XObject <<{xobjects} >>" if forms else "")
+    for content in forms.values():
+        objects.append(
+            f"<< /Type /XObject /Subtype /Form /BBox {_box(A4)} /Resources << {resources} >>"
+            f" /Length {len(content)} >>\nstream\n".encode() + content + b"\nendstream"
+        )
     kids = []
     for page in pages:
         content_id = len(objects) + 1
@@ -53,11 +67,11 @@ def build_pdf(pages: list[FixturePage]) -> bytes:
         objects.append(
             (
                 f"<< /Type /Page /Parent 2 0 R /MediaBox {_box(page.media)}{extra}"
-                f" /Resources << /Font << /F1 {font_id} 0 R >> >> /Contents {content_id} 0 R >>"
+                f" /Resources << {resources} >> /Contents {content_id} 0 R >>"
             ).encode()
         )
         kids.append(f"{page_id} 0 R")
-    objects[0] = b"<< /Type /Catalog /Pages 2 0 R >>"
+    objects[0] = f"<< /Type /Catalog /Pages 2 0 R{' ' + catalog if catalog else ''} >>".encode()
     objects[1] = f"<< /Type /Pages /Kids [{' '.join(kids)}] /Count {len(pages)} >>".encode()
 
     out = io.BytesIO()
@@ -83,3 +97,18 @@ def encrypted_pdf(password: str, pages: list[FixturePage] | None = None) -> byte
     out = io.BytesIO()
     writer.write(out)
     return out.getvalue()
+
+
+def self_drawing_pdf(good_pages: int = 0) -> bytes:
+    """A 1-KB PDF whose last page draws form X, which draws itself twice: 2^n copies at depth n. pdfium
+    loads and renders it without end, growing without bound (24 GB in two minutes), deaf to Ctrl-C. The
+    `good_pages` before it are plain red pages."""
+    pages = [red_page() for _ in range(good_pages)] + [FixturePage(content=b"/X Do")]
+    return build_pdf(pages, forms={"X": b"/X Do /X Do"})
+
+
+def xfa_pdf() -> bytes:
+    """A red page whose catalog declares an XFA form (an empty XDP packet), which pdfium without XFA
+    support cannot run; pypdfium2 then logs a warning (and a pip command) on stderr."""
+    xdp = "(<xdp:xdp xmlns:xdp='http://ns.adobe.com/xdp/'/>)"
+    return build_pdf([red_page()], catalog=f"/AcroForm << /Fields [] /XFA {xdp} /NeedsRendering true >>")

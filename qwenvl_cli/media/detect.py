@@ -7,13 +7,13 @@ reads, and one-line InputErrors for everything else (missing, empty, unreadable,
 from __future__ import annotations
 
 import io
-import warnings
 from pathlib import Path
 from typing import BinaryIO, Literal
 
 from PIL import Image
 
 from qwenvl_cli.errors import InputError
+from qwenvl_cli.media.capture import captured_output
 
 Kind = Literal["image", "pdf", "video"]
 
@@ -87,20 +87,20 @@ def read_head(path: Path, name: str) -> bytes:
     try:
         with path.open("rb") as f:
             head = f.read(HEAD_BYTES)
-    except FileNotFoundError:
-        raise InputError(f"{name}: file not found") from None
-    except IsADirectoryError:
-        raise InputError(f"{name}: is a directory") from None
-    except PermissionError:
-        raise InputError(f"{name}: permission denied") from None
+    except FileNotFoundError as exc:
+        raise InputError(f"{name}: file not found") from exc
+    except IsADirectoryError as exc:
+        raise InputError(f"{name}: is a directory") from exc
+    except PermissionError as exc:
+        raise InputError(f"{name}: permission denied") from exc
     except OSError as exc:
         try:
             is_dir = path.is_dir()  # some systems report EACCES or EISDIR differently
         except OSError:
             is_dir = False  # e.g. a name too long
         if is_dir:
-            raise InputError(f"{name}: is a directory") from None
-        raise InputError(f"{name}: cannot read ({' '.join(str(exc.strerror or exc).split())})") from None
+            raise InputError(f"{name}: is a directory") from exc
+        raise InputError(f"{name}: cannot read ({' '.join(str(exc.strerror or exc).split())})") from exc
     if not head:
         raise InputError(f"{name}: empty file (0 bytes)")
     return head
@@ -199,10 +199,10 @@ def _mostly_printable(head: bytes) -> bool:
 
 
 def _pillow_opens(reopen) -> bool:
-    """Whether Pillow identifies the file. Image.open parses the header only (no pixels decoded)."""
+    """Whether Pillow identifies the file. Image.open parses the header only (no pixels decoded); what its
+    plugins warn or print on the way is dropped (load_image reports it when it decodes the file)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with captured_output():
             fp: BinaryIO = reopen()
             with fp, Image.open(fp):
                 return True

@@ -21,8 +21,13 @@ from PIL import Image, ImageOps
 
 from qwenvl_cli.config import PreprocessorConfig
 from qwenvl_cli.errors import InputError, UsageError
+from qwenvl_cli.media.capture import Said, captured_output
 
 MAX_ASPECT_RATIO = 200
+# The largest image file read. Pillow refuses more than 2 x MAX_IMAGE_PIXELS (179 MP) as a decompression
+# bomb; stored uncompressed at 16 bits per channel with alpha, that is 1.43 GB: no real image needs more
+# (beyond it, Pillow would still walk a whole GIF to count its frames).
+MAX_IMAGE_BYTES = 2 << 30
 
 
 def smart_resize(
@@ -75,6 +80,7 @@ def load_image(
         label, source = name or "<image bytes>", io.BytesIO(path)
         if not path:
             raise InputError(f"{label}: empty (0 bytes)")
+        size = len(path)
     else:
         label, source = name or str(path), Path(path)
         if not source.exists():
@@ -82,33 +88,51 @@ def load_image(
         if source.is_dir():
             raise InputError(f"{label}: is a directory, not an image")
         try:
-            if source.stat().st_size == 0:
-                raise InputError(f"{label}: empty file (0 bytes)")
+            size = source.stat().st_size
         except OSError as exc:
-            raise InputError(f"{label}: cannot read ({_one_line(exc)})") from None
+            raise InputError(f"{label}: cannot read ({_one_line(exc)})") from exc
+        if size == 0:
+            raise InputError(f"{label}: empty file (0 bytes)")
+    if size > MAX_IMAGE_BYTES:
+        raise InputError(
+            f"{label}: {size / 2**30:.3g} GiB, over the limit of {MAX_IMAGE_BYTES / 2**30:g} GiB for an image file"
+        )
+    said = Said()
     try:
-        # Treat PIL's warning band (over MAX_IMAGE_PIXELS, under twice that) as a refusal as well.
-        with warnings.catch_warnings():
+        # What libtiff prints on fd 2 and Pillow's UserWarnings are caught: one line below, at most.
+        with captured_output() as said:
+            # Treat PIL's warning band (over MAX_IMAGE_PIXELS, under twice that) as a refusal as well.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as opened:
                 opened.load()  # Image.open is lazy: truncation only shows when decoding
                 note = _frames_note(opened, label)
                 rgb = to_rgb(ImageOps.exif_transpose(opened))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputError(_bomb_message(label, exc)) from None
-    except Image.UnidentifiedImageError:
-        raise InputError(f"{label}: not an image Pillow can read (unknown or unsupported format)") from None
-    except PermissionError:
-        raise InputError(f"{label}: permission denied") from None
+        raise InputError(_bomb_message(label, exc)) from exc
+    except Image.UnidentifiedImageError as exc:
+        raise InputError(f"{label}: not an image Pillow can read (unknown or unsupported format)") from exc
+    except PermissionError as exc:
+        raise InputError(f"{label}: permission denied") from exc
     except OSError as exc:
         if "truncated" in str(exc):
-            raise InputError(f"{label}: truncated image ({_one_line(exc)})") from None
-        raise InputError(f"{label}: corrupt or unreadable image ({_one_line(exc)})") from None
+            raise InputError(f"{label}: truncated image ({_with_said(exc, said)})") from exc
+        raise InputError(f"{label}: corrupt or unreadable image ({_with_said(exc, said)})") from exc
     except Exception as exc:  # Pillow's plugins raise assorted errors on malformed files
-        raise InputError(f"{label}: corrupt image ({type(exc).__name__}: {_one_line(exc)})") from None
-    if note is not None and on_warning is not None:
-        on_warning(note)
+        raise InputError(f"{label}: corrupt image ({type(exc).__name__}: {_with_said(exc, said)})") from exc
+    if on_warning is not None:
+        if note is not None:
+            on_warning(note)
+        summary = said.summary()
+        if summary is not None:
+            on_warning(f"{label}: the decoder warned: {summary}")
     return rgb
+
+
+def _with_said(exc: BaseException, said: Said) -> str:
+    """Pillow's error, with the reason the C library printed (libtiff: `decoder error -2` says nothing; its
+    `ZIPDecode: Decoding error at scanline 0, ...` does)."""
+    lines = [line for line in said.output.splitlines() if line.strip()]
+    return _one_line(exc) if not lines else f"{_one_line(exc)}: {' '.join(lines[0].split())}"
 
 
 def _frames_note(image: Image.Image, label: str) -> str | None:

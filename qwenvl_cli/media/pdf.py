@@ -1,25 +1,28 @@
 """PDF pages as RGB images, rendered lazily with pdfium (pypdfium2), one page at a time.
 
 Owns `--pages` parsing, the render resolution (DEFAULT_DPI, lowered for giant pages so a bitmap never
-exceeds MAX_RENDER_PIXELS) and the map from pixels on a rendered page back to PDF user space, so that
-boxes the model finds can be reported in points as PDF viewers and annotations use them.
+exceeds MAX_RENDER_PIXELS), the bounds on one page's render (RENDER_SECONDS, RENDER_MEMORY_BYTES: pages are
+loaded and rendered in a child process, media/sandbox.py) and the map from pixels on a rendered page back to
+PDF user space, so that boxes the model finds can be reported in points as PDF viewers and annotations use them.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import warnings
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
 from PIL import Image
 
 from qwenvl_cli.errors import InputError, UsageError
+from qwenvl_cli.media import sandbox
+from qwenvl_cli.media.capture import Said, captured_output
 from qwenvl_cli.media.detect import read_head
 
 # 200 dpi: an A4 page (595.28x841.89 pt) becomes 1654x2339 px = 3.9 MP, under the checkpoints' default
@@ -30,6 +33,15 @@ DEFAULT_DPI = 200
 # is rendered at the highest dpi that fits instead (50 MP of RGB = 150 MB).
 MAX_RENDER_PIXELS = 50_000_000
 POINTS_PER_INCH = 72  # PDF user space unit (pdfium ignores /UserUnit)
+# One page may take this long to load, render and hand over (an A4 page at 200 dpi takes ~0.1 s; a dense
+# vector map a few seconds), in a child process of at most this much address space (the 150 MB bitmap,
+# decoded images on the page, pdfium itself). Past either, the page is an error of that page only: a page
+# whose form draws itself twice grows without bound (24 GB after two minutes) and ignores Ctrl-C in-process.
+RENDER_SECONDS = 30.0
+RENDER_MEMORY_BYTES = 4 << 30
+# The largest PDF opened: scanned books run to a few GB. pdfium reads a file as it needs it, but scans all of
+# it when the cross-reference table is broken.
+MAX_PDF_BYTES = 8 << 30
 
 _PDFIUM_ERRORS = {  # FPDF_ERR_* codes from FPDF_GetLastError
     1: "unknown error",
@@ -47,6 +59,10 @@ def _one_line(exc: BaseException | str) -> str:
 
 def _pages_text(n: int) -> str:
     return f"{n} page" if n == 1 else f"{n} pages"
+
+
+def _size_text(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB"
 
 
 # ---------------------------------------------------------------------------------------------- --pages
@@ -181,42 +197,74 @@ def render_scale(width_pt: float, height_pt: float, dpi: float) -> float:
 # ---------------------------------------------------------------------------------------------- document
 class PdfFile:
     """An open PDF. Use as a context manager (or call close()): it holds pdfium's document and, for a
-    path, the file. pdfium is not thread-safe: use one PdfFile from one thread."""
+    path, the file. pdfium is not thread-safe: use one PdfFile from one thread.
 
-    def __init__(self, document: pdfium.PdfDocument, name: str):
+    Pages are loaded and rendered in the process's render child (isolated=True, the default), bounded by
+    RENDER_SECONDS and RENDER_MEMORY_BYTES; this process's own document only counts pages and says why one
+    cannot be opened. isolated=False renders here, unbounded (a debugging aid: pdfium under a debugger)."""
+
+    def __init__(
+        self,
+        document: pdfium.PdfDocument,
+        name: str,
+        remote: sandbox.RemoteDocument | None = None,
+        on_warning: Callable[[str], None] | None = None,
+    ):
         self._doc = document
+        self._remote = remote
         self._closed = False
+        self._on_warning = on_warning
         self.name = name
         self.page_count: int = len(document)
 
     @classmethod
-    def open(cls, source: Path | bytes, name: str, password: str | None = None) -> PdfFile:
-        """Open a PDF file (or its bytes). Every failure is an InputError naming `name`."""
+    def open(
+        cls,
+        source: Path | bytes,
+        name: str,
+        password: str | None = None,
+        on_warning: Callable[[str], None] | None = None,
+        isolated: bool = True,
+    ) -> PdfFile:
+        """Open a PDF file (or its bytes). Every failure is an InputError naming `name`; what pdfium says
+        on the side (an XFA form it cannot run) goes to `on_warning` as one line naming `name`."""
         if isinstance(source, bytes):
             if not source:
                 raise InputError(f"{name}: empty (0 bytes)")
+            size = len(source)
             data: Path | bytes = source
         else:
             data = Path(source)
             read_head(data, name)
+            size = _file_size(data, name)
+        if size > MAX_PDF_BYTES:
+            raise InputError(f"{name}: {_size_text(size)}, over the limit of {_size_text(MAX_PDF_BYTES)} for a PDF")
+        logged: list[str] = []
         try:
-            with warnings.catch_warnings():  # XFA form load failures warn; the static form still renders
-                warnings.simplefilter("ignore")
+            with captured_output() as said, _logged(logged):
                 document = pdfium.PdfDocument(data, password=password or None)
                 document.init_forms()  # before any page is loaded, so that form fields get drawn
         except pdfium.PdfiumError as exc:
             if _loads_without_pages(data, password):
-                raise InputError(f"{name}: the PDF has no pages") from None
-            raise InputError(_open_error(exc, name, password)) from None
-        except FileNotFoundError:
-            raise InputError(f"{name}: file not found") from None
+                raise InputError(f"{name}: the PDF has no pages") from exc
+            raise InputError(_open_error(exc, name, password)) from exc
+        except FileNotFoundError as exc:
+            raise InputError(f"{name}: file not found") from exc
         except OSError as exc:
-            raise InputError(f"{name}: cannot read ({_one_line(exc)})") from None
-        return cls(document, name)
+            raise InputError(f"{name}: cannot read ({_one_line(exc)})") from exc
+        note = _open_note(name, logged, said)
+        if note is not None and on_warning is not None:
+            on_warning(note)
+        remote = None
+        if isolated:
+            remote = sandbox.RemoteDocument(data, password, sandbox.shared_renderer(RENDER_MEMORY_BYTES))
+        return cls(document, name, remote, on_warning)
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._remote is not None:
+                self._remote.close()
             self._doc.close()
 
     def __enter__(self) -> PdfFile:
@@ -235,41 +283,119 @@ class PdfFile:
             )
         if not dpi > 0:
             raise UsageError(f"--dpi must be positive, got {dpi}")
+        if self._remote is None:
+            return self._render_here(number, dpi)
+        deadline = time.monotonic() + RENDER_SECONDS
+        try:
+            try:
+                info, said_loading = self._remote.page(number - 1, deadline)
+            except sandbox.RenderError as exc:
+                raise InputError(f"{self.name}: page {number}: cannot load ({exc})") from exc
+            width_pt, height_pt = info.size
+            if not (width_pt > 0 and height_pt > 0):
+                raise InputError(f"{self.name}: page {number} is empty ({width_pt:g}x{height_pt:g} pt)")
+            scale = render_scale(width_pt, height_pt, dpi)
+            try:
+                bitmap, said_rendering = self._remote.render(scale, MAX_RENDER_PIXELS, deadline)
+            except sandbox.RenderError as exc:
+                raise InputError(f"{self.name}: page {number}: cannot render ({exc})") from exc
+        except sandbox.RenderLimitError as exc:
+            raise InputError(
+                f"{self.name}: page {number} could not be rendered within {RENDER_SECONDS:g} s / "
+                f"{_size_text(RENDER_MEMORY_BYTES)} ({exc})"
+            ) from exc
+        said = Said(output=said_loading + said_rendering).summary()
+        if said is not None and self._on_warning is not None:
+            self._on_warning(f"{self.name}: page {number}: pdfium: {said}")
+        # One copy, out of the buffer shared with the child (RGB rows of `stride` bytes) into the image.
+        image = Image.frombytes("RGB", (bitmap.width, bitmap.height), bitmap.rgb, "raw", "RGB", bitmap.stride, 1)
+        bitmap.rgb.release()
+        geometry = PageGeometry(
+            dpi=round(scale * POINTS_PER_INCH, 4),
+            width_px=bitmap.width,
+            height_px=bitmap.height,
+            rotation=info.rotation,
+            crop_box=tuple(float(v) for v in info.bbox),
+        )
+        return Page(number=number, image=image, geometry=geometry)
+
+    def _render_here(self, number: int, dpi: float) -> Page:
+        """render() in this process, without bounds."""
         try:
             page = self._doc[number - 1]
         except pdfium.PdfiumError as exc:
-            raise InputError(f"{self.name}: page {number}: cannot load ({_one_line(exc)})") from None
+            raise InputError(f"{self.name}: page {number}: cannot load ({_one_line(exc)})") from exc
         try:
             width_pt, height_pt = page.get_size()  # as displayed: after /Rotate, crop box clipped
             if not (width_pt > 0 and height_pt > 0):
                 raise InputError(f"{self.name}: page {number} is empty ({width_pt:g}x{height_pt:g} pt)")
             scale = render_scale(width_pt, height_pt, dpi)
             try:
-                bitmap = page.render(scale=scale, may_draw_forms=True, fill_color=(255, 255, 255, 255))
+                bitmap = page.render(
+                    scale=scale, may_draw_forms=True, fill_color=(255, 255, 255, 255), rev_byteorder=True
+                )  # RGB byte order, as the child renders
             except (pdfium.PdfiumError, MemoryError) as exc:
-                raise InputError(f"{self.name}: page {number}: cannot render ({_one_line(exc)})") from None
+                raise InputError(f"{self.name}: page {number}: cannot render ({_one_line(exc)})") from exc
             try:
-                bgr = bitmap.to_numpy()  # (H, W, 3) uint8, a view of pdfium's buffer, BGR byte order
-                if bgr.ndim != 3 or bgr.shape[2] != 3:
-                    raise RuntimeError(f"pdfium bitmap of shape {bgr.shape}: expected (H, W, 3) BGR")
-                rgb = np.ascontiguousarray(bgr[:, :, ::-1])  # a copy: the buffer is freed with the bitmap
+                if bitmap.n_channels != 3:
+                    raise RuntimeError(f"pdfium bitmap of {bitmap.n_channels} channels: expected 3 (RGB)")
+                # frombytes copies (frombuffer may share): the buffer is freed with the bitmap.
+                size = (bitmap.width, bitmap.height)
+                image = Image.frombytes("RGB", size, bitmap.buffer, "raw", "RGB", bitmap.stride, 1)
             finally:
                 bitmap.close()
             geometry = PageGeometry(
                 dpi=round(scale * POINTS_PER_INCH, 4),
-                width_px=rgb.shape[1],
-                height_px=rgb.shape[0],
+                width_px=image.width,
+                height_px=image.height,
                 rotation=page.get_rotation(),
                 crop_box=tuple(float(v) for v in page.get_bbox()),
             )
         finally:
             page.close()
-        return Page(number=number, image=Image.fromarray(rgb), geometry=geometry)
+        return Page(number=number, image=image, geometry=geometry)
 
     def pages(self, numbers: list[int], dpi: float = DEFAULT_DPI) -> Iterator[Page]:
         """The pages in `numbers`, rendered one at a time as the caller asks for them; none is kept."""
         for number in numbers:
             yield self.render(number, dpi)
+
+
+def _file_size(path: Path, name: str) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as exc:
+        raise InputError(f"{name}: cannot read ({_one_line(exc.strerror or exc)})") from exc
+
+
+class _logged:
+    """Collect what pypdfium2 logs (it warns through `logging`, which prints to stderr when the application
+    configures no logging) into `lines`, instead of letting it reach stderr."""
+
+    def __init__(self, lines: list[str]):
+        self._handler = logging.Handler(logging.WARNING)
+        self._handler.emit = lambda record: lines.append(record.getMessage())
+        self._logger = logging.getLogger("pypdfium2")
+
+    def __enter__(self):
+        self._propagate = self._logger.propagate
+        self._logger.addHandler(self._handler)
+        self._logger.propagate = False
+        return self
+
+    def __exit__(self, *_):
+        self._logger.removeHandler(self._handler)
+        self._logger.propagate = self._propagate
+
+
+def _open_note(name: str, logged: list[str], said: Said) -> str | None:
+    """The one warning about what pdfium and pypdfium2 said while opening (None: nothing said)."""
+    if any("XFA" in line for line in logged):
+        # An XFA form: pdfium without XFA support draws the page's PDF content (for a static XFA form, its
+        # AcroForm copy; for a dynamic one, often just a "please wait" placeholder).
+        return f"{name}: the PDF is an XFA form, which this pdfium cannot run: only its plain PDF content is read"
+    summary = Said(output="\n".join(logged + [said.output]), warnings=said.warnings).summary()
+    return None if summary is None else f"{name}: pdfium: {summary}"
 
 
 def _loads_without_pages(data: Path | bytes, password: str | None) -> bool:

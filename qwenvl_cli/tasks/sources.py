@@ -146,7 +146,7 @@ def sources(
 
 
 def _pages(item, source, options: SourceOptions, on_warning, feedback: Feedback) -> Iterator[Still | Broken]:
-    with PdfFile.open(source, item.name, password=options.password) as pdf:
+    with PdfFile.open(source, item.name, password=options.password, on_warning=on_warning) as pdf:
         numbers = options.pages.resolve(pdf.page_count, item.name) if options.pages else list(range(1, pdf.page_count + 1))
         feedback.pages_started(item.name, len(numbers))
         for number in numbers:
