@@ -1,5 +1,4 @@
-"""HTML tables from the model's document parsing ("QwenVL HTML") to CSV, Markdown, JSON and clean HTML,
-and such a document to plain text.
+"""HTML tables from the model's document parsing ("QwenVL HTML") to CSV, Markdown, JSON and clean HTML.
 
 The model's HTML is often untidy: missing </td> and </tr>, ```html fences, `data-bbox` attributes, and
 output cut off at the token limit. Rules: the row open when the text ends is dropped (complete rows
@@ -12,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from dataclasses import dataclass, field
 from html import escape
 from html.parser import HTMLParser
@@ -22,8 +20,6 @@ _BLOCKS = frozenset(
     "address article aside blockquote body caption dd div dl dt figcaption figure footer form h1 h2 h3 h4 "
     "h5 h6 header hr html li main nav ol p pre section table tbody tfoot thead title tr ul".split()
 )
-_SKIP = frozenset(("script", "style"))
-_FENCE = re.compile(r"```[\w+.-]*[^\S\n]*\n?(.*?)(?:```|\Z)", re.S)
 
 
 @dataclass(frozen=True)
@@ -285,98 +281,9 @@ def to_html(table: Table) -> str:
     return "\n".join(parts) + "\n"
 
 
-# ---- whole documents
-
-
-class _TextParser(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.lines: list[str] = []
-        self.line: list[str] = []
-        self.cells: list[list[str]] | None = None  # the open table row's cells
-        self.in_cell = 0
-        self.skip = 0
-
-    def _flush(self) -> None:
-        if self.cells is not None:
-            text = "\t".join(_collapse("".join(c)) for c in self.cells)
-            self.cells = None
-            if text.strip():
-                self.lines.append(text)
-        text = _collapse("".join(self.line))
-        self.line = []
-        if text:
-            self.lines.append(text)
-
-    def _out(self, text: str) -> None:
-        if self.cells is not None and self.in_cell:
-            self.cells[-1].append(text)
-        else:
-            self.line.append(text)
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in _SKIP:
-            self.skip += 1
-        elif tag in ("td", "th"):
-            if self.cells is None:
-                self._flush()
-                self.cells = []
-            self.cells.append([])
-            self.in_cell = 1
-        elif self.in_cell and (tag == "br" or tag in _BLOCKS) and tag not in ("tr", "table"):
-            self._out(" ")  # blocks inside a cell stay on the row's line
-        elif tag == "tr" or tag == "table":
-            self.in_cell = 0
-            self._flush()
-        elif tag == "br" or tag in _BLOCKS:
-            self._flush()
-
-    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.handle_starttag(tag, attrs)
-        if tag in _SKIP:
-            self.skip -= 1
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in _SKIP:
-            self.skip = max(0, self.skip - 1)
-        elif tag in ("td", "th"):
-            self.in_cell = 0
-        elif tag in ("tr", "table"):
-            self.in_cell = 0
-            self._flush()
-        elif self.in_cell and tag in _BLOCKS:
-            self._out(" ")
-        elif tag in _BLOCKS:
-            self._flush()
-
-    def handle_data(self, data: str) -> None:
-        if not self.skip:
-            self._out(data)
-
-    def close(self) -> None:
-        super().close()
-        self._flush()
-
-
-def _unfence(text: str) -> str:
-    blocks = _FENCE.findall(text)
-    return "\n".join(blocks) if blocks else text
-
-
-def html_to_text(html: str) -> str:
-    """Plain text of a QwenVL HTML document in reading order: one line per block element (headings,
-    paragraphs, list items, <br>), one line per table row with its cells tab-separated; tags,
-    attributes (data-bbox) and ```html fences dropped, entities decoded, whitespace collapsed."""
-    parser = _TextParser()
-    parser.feed(_unfence(html))
-    parser.close()
-    return "\n".join(parser.lines)
-
-
 __all__ = [
     "Table",
     "header_names",
-    "html_to_text",
     "tables_from_html",
     "to_csv",
     "to_html",

@@ -10,7 +10,6 @@ import pytest
 from qwenvl_cli.tables import (
     Table,
     header_names,
-    html_to_text,
     tables_from_html,
     to_csv,
     to_html,
@@ -190,29 +189,3 @@ def test_table_checks_shape() -> None:
         Table(rows=(("a",),), header_rows=2)
 
 
-def test_html_to_text_qwenvl_document() -> None:
-    doc = (
-        "```html\n<html><body>\n"
-        '<h1 data-bbox="42 30 580 70">Annual   Report</h1>\n'
-        '<p data-bbox="42 90 580 140">Revenue grew <b>12%</b> &amp; costs fell.<br>See below.</p>\n'
-        '<table data-bbox="42 160 580 300"><thead><tr><th>Year</th><th>Revenue</th></tr></thead>\n'
-        "<tbody><tr><td>2023</td><td>1,000</td></tr>\n<tr><td>2024</td><td><p>1,120</p></td></tr></tbody></table>\n"
-        '<div class="footer" data-bbox="42 900 580 930">Page 1</div>\n'
-        "<style>p { color: red }</style>"
-        "</body></html>\n```"
-    )
-    assert html_to_text(doc) == (
-        "Annual Report\n"
-        "Revenue grew 12% & costs fell.\n"
-        "See below.\n"
-        "Year\tRevenue\n"
-        "2023\t1,000\n"
-        "2024\t1,120\n"
-        "Page 1"
-    )
-
-
-def test_html_to_text_plain_and_empty() -> None:
-    assert html_to_text("just text") == "just text"
-    assert html_to_text("") == ""
-    assert html_to_text("<ul><li>one</li><li>two</ul>") == "one\ntwo"

@@ -29,7 +29,7 @@ from qwenvl_cli.model.rope import (
 )
 from qwenvl_cli.model.text import KVCache, TextModel
 from qwenvl_cli.model.vision import VisionTransformer
-from qwenvl_cli.prompts import vision_token_count
+from qwenvl_cli.prompts import token_types, vision_token_count
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ class Qwen2_5_VL(nn.Module):
         """Positions for `input_ids` (pads already expanded), checking pad counts against the grids."""
         cfg = self.config
         merge = cfg.vision.spatial_merge_size
-        types = [1 if t == cfg.image_token_id else 2 if t == cfg.video_token_id else 0 for t in input_ids]
+        types = token_types(input_ids)  # the config's pad ids are Qwen2.5-VL's (checked in ModelConfig)
         if images is not None and images.is_video:
             raise ValueError("make_prompt: images= got a video input (it carries second_per_grid_ts)")
         if videos is not None and not videos.is_video:
