@@ -15,6 +15,7 @@ import torch
 
 from qwenvl_cli.errors import InputError, UsageError
 from qwenvl_cli.media import video as V
+from qwenvl_cli.media import video_decode as D
 from qwenvl_cli.media.image import smart_resize
 from qwenvl_cli.media.video import (
     VideoOptions,
@@ -405,9 +406,9 @@ def test_rotated_clip(tmp_path, ccw, clockwise):
 
 def test_upright_on_arrays():
     a = np.arange(6).reshape(2, 3)[..., None].repeat(3, axis=2)  # (2, 3, 3): rows 0 1 2 / 3 4 5
-    assert V._upright(a, 90)[:, :, 0].tolist() == [[3, 0], [4, 1], [5, 2]]  # clockwise
-    assert V._upright(a, 270)[:, :, 0].tolist() == [[2, 5], [1, 4], [0, 3]]
-    assert V._upright(a, 0) is a
+    assert D._upright(a, 90)[:, :, 0].tolist() == [[3, 0], [4, 1], [5, 2]]  # clockwise
+    assert D._upright(a, 270)[:, :, 0].tolist() == [[2, 5], [1, 4], [0, 3]]
+    assert D._upright(a, 0) is a
 
 
 def test_bytes_source(clip37):
@@ -509,7 +510,7 @@ def test_start_past_the_end(clip37):
 
 
 def test_absurd_resolution(tmp_path, monkeypatch, clip37):
-    monkeypatch.setattr(V, "MAX_SIDE", 32)
+    monkeypatch.setattr(D, "MAX_SIDE", 32)
     with pytest.raises(InputError, match=r"^c37\.mp4: video is 64x48 pixels, over the limit of 32"):
         probe_video(clip37, "c37.mp4")
 

@@ -1,5 +1,5 @@
 """Sampled video frames for the vision tower: normalise and patchify (RGB uint8 frames, already resized
-to multiples of 28 by media/video.py) into the flat `(t·gh·gw, C·tp·p·p)` rows of `pixel_values_videos`.
+to multiples of 28 by media/video_decode.py) into the flat `(t·gh·gw, C·tp·p·p)` rows of `pixel_values_videos`.
 
 Same arithmetic as the image path (×1/255 in float64 cast to float32, CLIP normalisation in float32) and
 transformers' video layout: frames (2k, 2k+1) form temporal patch k; an odd count repeats the last frame.
