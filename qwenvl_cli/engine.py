@@ -18,7 +18,7 @@ from qwenvl_cli.generate import Generator, SamplingParams, Step
 from qwenvl_cli.hub import resolve_model
 from qwenvl_cli.media.frames import ProcessedVideo
 from qwenvl_cli.media.image import ProcessedImage
-from qwenvl_cli.model.loader import Checkpoint, load_model, open_checkpoint, resolve_dtype
+from qwenvl_cli.model.loader import Checkpoint, explain_dtype, load_model, open_checkpoint
 from qwenvl_cli.model.qwen2_5_vl import Prompt, Qwen2_5_VL, VisionInput
 from qwenvl_cli.prompts import DEFAULT_SYSTEM, ImagePart, TextPart, VideoPart, build_chat_ids
 from qwenvl_cli.tokenizer import StreamDecoder, Tokenizer
@@ -63,22 +63,28 @@ def pick_device(device: str) -> torch.device:
 
 
 class Engine:
-    def __init__(self, name: str, ckpt: Checkpoint, model: Qwen2_5_VL, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self, name: str, ckpt: Checkpoint, model: Qwen2_5_VL, tokenizer: Tokenizer, dtype_reason: str = ""
+    ) -> None:
         self.name = name
         self.ckpt = ckpt
         self.model = model
         self.tokenizer = tokenizer
+        self.dtype_reason = dtype_reason  # why this dtype (for --verbose), e.g. "auto: bfloat16, the CPU has ..."
         self.generator = Generator(model)
 
     @classmethod
-    def load(cls, model_ref: str, device: str = "auto", dtype: str = "auto") -> Engine:
+    def load(cls, model_ref: str, device: str = "auto", dtype: str = "auto", quantize: str | None = None) -> Engine:
+        """`quantize`: None or "int8" (weight-only, decoder linears and an untied LM head; see load_model)."""
         dev = pick_device(device)
-        torch_dtype = resolve_dtype(dtype, dev)
+        torch_dtype, reason = explain_dtype(dtype, dev)
         path = resolve_model(model_ref)
         ckpt = open_checkpoint(path)
+        # Serial on purpose: tokenizers' from_file (0.45 s) holds the GIL, so a thread beside the weights
+        # gained nothing (measured 0.67-0.77 s threaded vs 0.73-0.79 s serial, benchmarks/RESULTS.md).
         tokenizer = Tokenizer.from_dir(path)
-        model = load_model(ckpt, dev, torch_dtype)
-        return cls(model_ref, ckpt, model, tokenizer)
+        model = load_model(ckpt, dev, torch_dtype, quantize=quantize)
+        return cls(model_ref, ckpt, model, tokenizer, reason)
 
     @property
     def preprocessor(self):

@@ -236,3 +236,13 @@ def test_broken_pipe_is_quiet(model_dir):
     cmd = f"{sys.executable} -m qwenvl_cli describe {SHAPES} {SHAPES} {SHAPES} --model {model_dir} --max-new-tokens 40 | head -c 1"
     r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
     assert "Traceback" not in r.stderr and "internal error" not in r.stderr
+
+
+def test_quantize_int8_and_verbose_says_the_dtype_and_why(model_dir):
+    r = run("describe", SHAPES, "--model", model_dir, "--json", "--max-new-tokens", "3", "--quantize", "int8", "-v")
+    assert r.exit_code == 0, r.stderr
+    assert json_lines(r.stdout)[0]["completion_tokens"] >= 1
+    first = r.stderr.splitlines()[0]
+    assert first.startswith("qwenvl: loaded ") and "auto: " in first and "decoder weights int8" in first
+    r = run("describe", SHAPES, "--model", model_dir, "--quantize", "int4")
+    assert r.exit_code == 2

@@ -155,7 +155,7 @@ def test_nested_transformers5_config():
 def test_generation_and_preprocessor_configs():
     gen = GenerationConfig.from_dict({"do_sample": True, "eos_token_id": [151645, 151643], "repetition_penalty": 1.05,
                                       "temperature": 0.1, "top_p": 0.001, "top_k": 1})
-    assert gen.eos_token_ids == (151645, 151643) and not gen.greedy and gen.top_k == 1
+    assert gen.eos_token_ids == (151645, 151643) and gen.do_sample and gen.temperature > 0 and gen.top_k == 1
     assert GenerationConfig.from_dict({"eos_token_id": 151645}).eos_token_ids == (151645,)
     pre = PreprocessorConfig.from_dict({"size": {"shortest_edge": 100, "longest_edge": 2000}})
     assert (pre.min_pixels, pre.max_pixels, pre.factor) == (100, 2000, 28)
@@ -197,7 +197,8 @@ def test_auto_dtype_per_device():
     from qwenvl_cli.model.loader import resolve_dtype
 
     cuda = torch.device("cuda")
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cpu"), bf16_ok=lambda d: False) == torch.float32  # no AVX512-BF16/AMX
+    assert resolve_dtype("auto", torch.device("cpu"), bf16_ok=lambda d: True) == torch.bfloat16
     assert resolve_dtype("auto", cuda, bf16_ok=lambda d: True) == torch.bfloat16
     assert resolve_dtype("auto", cuda, bf16_ok=lambda d: False) == torch.float16  # T4, V100
     assert resolve_dtype("float16", torch.device("cpu")) == torch.float16

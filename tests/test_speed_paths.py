@@ -1,0 +1,195 @@
+"""The CPU speed paths against their slow oracles: oneDNN-packed linears == plain F.linear, int8 linears ==
+dequantize-then-matmul, packed / quantized models against the plain float32 model on the tiny checkpoint,
+and the dtype policy with the CPU check injected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from checkpoints import reference_model
+from qwenvl_cli.errors import ModelError
+from qwenvl_cli.generate import Generator, SamplingParams, reference_generate
+from qwenvl_cli.model.loader import cpu_has_native_bf16, explain_dtype, load_model, open_checkpoint, resolve_dtype
+from qwenvl_cli.model.quant import Int8Linear, PackedLinear, quantize_int8
+
+PROMPTS = [
+    [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198, 9707, 0, 151645, 198],
+    [151644, 872, 198, 3838, 374, 279, 6722, 315, 9625, 30, 151645, 198, 151644, 77091, 198],
+    [151644, 872, 198, 7985, 264, 32794, 911, 279, 9396, 13, 151645, 198],
+    [151644, 872, 198, 16, 11, 17, 11, 18, 11, 19, 11],
+    [151644, 872, 198, 785, 3974, 13876, 38835, 34208, 916, 279, 15678, 5562, 13],
+]
+
+
+def _linear(out_f: int, in_f: int, bias: bool, seed: int) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_f, out_f, bias=bias)
+    lin.weight.data.normal_(0, in_f**-0.5)
+    return lin.requires_grad_(False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 64), (1, 1, 64), (7, 64), (2, 5, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_equals_plain_linear(dtype, shape, bias):
+    lin = _linear(96, 64, bias, seed=1).to(dtype)
+    packed = PackedLinear.from_linear(lin)
+    x = torch.randn(shape).to(dtype)
+    with torch.inference_mode():
+        fast, oracle, plain = packed(x), packed.reference(x), lin(x)
+    assert fast.shape == (*shape[:-1], 96) and fast.dtype == dtype
+    assert torch.equal(packed.dense_weight(), lin.weight)  # repacking is lossless
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(fast, oracle, **tol)
+    torch.testing.assert_close(fast, plain, **tol)
+
+
+def test_quantize_int8_rounds_to_the_nearest_step_of_each_row():
+    w = torch.tensor([[0.5, -1.27, 0.0, 1.0], [2.54, 0.01, -2.54, 1.27]])
+    q, scales = quantize_int8(w)
+    assert q.dtype == torch.int8 and scales.dtype == torch.bfloat16 and scales.shape == (2,)
+    assert q.abs().max() <= 127
+    step = scales.float()[:, None]
+    assert ((q.float() * step - w).abs() <= step / 2 + 1e-7).all()  # |error| <= half a step, row by row
+    assert q[1].tolist() == [127, 0, -127, 63] or q[1].tolist() == [127, 0, -127, 64]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])  # <= 16 rows: the int8 kernel; more: dequantize + GEMM
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_fast_path_equals_dequantize_then_matmul(rows, dtype):
+    lin = _linear(160, 96, True, seed=2)
+    q = Int8Linear.from_float(lin.weight, lin.bias, dtype)
+    x = torch.randn(1, rows, 96).to(dtype)
+    with torch.inference_mode():
+        fast = q(x)
+        # The fast path rounds activations to bfloat16 and returns through bfloat16: so does the oracle input.
+        oracle = q.reference(x.bfloat16().to(dtype))
+    assert fast.shape == (1, rows, 160) and fast.dtype == dtype
+    torch.testing.assert_close(fast, oracle, atol=2e-2, rtol=1e-2)
+    # ... and the quantized layer is within int8's error of the float one: < 2% of the output's scale.
+    err = (q.reference(x.float()) - lin(x.float())).abs().max()
+    assert err < 0.02 * lin(x.float()).abs().max()
+
+
+@pytest.fixture(scope="module")
+def ckpt(make_ckpt):
+    return open_checkpoint(make_ckpt())
+
+
+@pytest.fixture(scope="module")
+def plain(ckpt):
+    return load_model(ckpt, "cpu", torch.float32, pack=False)
+
+
+def test_cpu_load_packs_the_decoder_and_keeps_transformers_parity(ckpt, plain, make_ckpt):
+    packed = load_model(ckpt, "cpu", torch.float32)
+    assert isinstance(packed.lm_head, PackedLinear)
+    assert isinstance(packed.model.layers[0].self_attn.q_proj, PackedLinear)
+    assert isinstance(packed.visual.blocks[0].attn.qkv, nn.Linear)  # the vision tower stays as it is
+    assert isinstance(plain.lm_head, nn.Linear)
+    ref = reference_model(make_ckpt())
+    for ids in PROMPTS[:2]:
+        with torch.inference_mode():
+            fast, slow = packed(packed.make_prompt(ids)), plain(plain.make_prompt(ids))
+            expected = ref(input_ids=torch.tensor([ids])).logits
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+        torch.testing.assert_close(fast, expected, atol=1e-4, rtol=0)
+        params = SamplingParams(max_new_tokens=8)
+        assert list(Generator(packed).stream(packed.make_prompt(ids), params)) == \
+            reference_generate(plain, plain.make_prompt(ids), params)
+
+
+def test_tied_checkpoint_keeps_a_float_lm_head_shared_with_the_embedding(make_ckpt):
+    ckpt = open_checkpoint(make_ckpt(tied=True, dtype="bfloat16", shards=3))
+    for quantize in (None, "int8"):
+        model = load_model(ckpt, "cpu", torch.float32, quantize=quantize)
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        assert isinstance(model.model.layers[1].mlp.down_proj, Int8Linear if quantize else PackedLinear)
+
+
+def test_int8_model_holds_int8_weights_and_tracks_the_float_model(ckpt, plain):
+    """Quality on a handful of prompts against the unquantized float32 model: top-1 agreement at >= 90% of
+    the positions and a max logit error under 3% of the logits' range (measured: 96% and 1.0%)."""
+    q8 = load_model(ckpt, "cpu", torch.float32, quantize="int8")
+    linears = [m for name, m in q8.named_modules() if name.startswith("model.layers.") and isinstance(m, Int8Linear)]
+    assert len(linears) == 7 * q8.config.text.num_hidden_layers and isinstance(q8.lm_head, Int8Linear)
+    assert q8.lm_head.weight.dtype == torch.int8 and not any(p.is_meta for p in q8.parameters())
+    assert isinstance(q8.visual.blocks[0].attn.qkv, nn.Linear) and q8.model.embed_tokens.weight.dtype == torch.float32
+    agree = total = 0
+    for ids in PROMPTS:
+        with torch.inference_mode():
+            full = plain(plain.make_prompt(ids))[0]  # (L, V)
+            quant = q8(q8.make_prompt(ids))[0]
+        agree += int((full.argmax(-1) == quant.argmax(-1)).sum())
+        total += len(ids)
+        span = full.max() - full.min()
+        assert (quant - full).abs().max() < 0.03 * span
+    assert agree >= 0.9 * total
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_cached_generation_equals_its_no_cache_oracle(ckpt, dtype):
+    q8 = load_model(ckpt, "cpu", dtype, quantize="int8")
+    params = SamplingParams(max_new_tokens=10)
+    for ids in PROMPTS[:2]:
+        prompt = q8.make_prompt(ids)
+        assert list(Generator(q8).stream(prompt, params)) == reference_generate(q8, prompt, params)
+
+
+def test_int8_quantized_while_loading_keeps_the_strict_key_check(make_ckpt, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(make_ckpt(), path)
+    tensors = load_file(path / "model.safetensors")
+    tensors.pop("model.layers.0.mlp.up_proj.weight")
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(ModelError, match=r"missing 1 key\(s\): model.layers.0.mlp.up_proj.weight"):
+        load_model(open_checkpoint(path), quantize="int8")
+    with pytest.raises(ModelError, match="unknown quantization 'int3'"):
+        load_model(open_checkpoint(path), quantize="int3")
+
+
+def test_bfloat16_packed_model_stays_close_to_float32(ckpt, plain):
+    bf16 = load_model(ckpt, "cpu", torch.bfloat16)
+    assert isinstance(bf16.lm_head, PackedLinear) and bf16.lm_head.weight.dtype == torch.bfloat16
+    for ids in PROMPTS[:3]:
+        with torch.inference_mode():
+            full, half = plain(plain.make_prompt(ids))[0, -1], bf16(bf16.make_prompt(ids))[0, -1]
+        assert F.cosine_similarity(full, half, dim=0) > 0.99
+
+
+def test_auto_dtype_follows_native_bfloat16_with_a_reason():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert explain_dtype("auto", cpu, bf16_ok=lambda d: True) == (
+        torch.bfloat16, "auto: bfloat16, the CPU has native bfloat16 (AVX512-BF16/AMX)")
+    dtype, reason = explain_dtype("auto", cpu, bf16_ok=lambda d: False)
+    assert dtype == torch.float32 and "no native bfloat16" in reason
+    assert explain_dtype("auto", cuda, bf16_ok=lambda d: False)[0] == torch.float16
+    assert explain_dtype("float32", cpu, bf16_ok=lambda d: True) == (torch.float32, "float32 as asked")
+    assert resolve_dtype("auto", cpu) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    with pytest.raises(ModelError, match="unknown dtype 'float8'"):
+        explain_dtype("float8", cpu)
+
+
+def test_engine_load_quantized_answers(make_ckpt):
+    from qwenvl_cli.engine import Engine
+
+    engine = Engine.load(str(make_ckpt()), "cpu", "float32", quantize="int8")
+    assert isinstance(engine.model.lm_head, Int8Linear)
+    assert engine.dtype_reason == "float32 as asked"
+    answer = engine.answer(engine.prompt(["Hello"]), SamplingParams(max_new_tokens=3))
+    assert answer.completion_tokens == 3
+
+
+def test_float16_on_cpu_stays_plain_linear(ckpt):
+    """oneDNN's CPU float16 reorder needs AVX512-FP16/AVX-NE-CONVERT (not on Zen 4): float16 is never packed."""
+    half = load_model(ckpt, "cpu", torch.float16)
+    assert type(half.lm_head) is nn.Linear and half.lm_head.weight.dtype == torch.float16
+    with torch.inference_mode():
+        assert half(half.make_prompt(PROMPTS[0][:6])).dtype == torch.float32
