@@ -255,8 +255,20 @@ def _build(cls: type, raw: dict[str, Any], owner: str):
 
 
 def check_sampling(temperature: float, top_p: float, top_k: int, repetition_penalty: float, max_new_tokens: int) -> None:
+    """ConfigError on impossible values; a temperature too small to sample with is a UsageError."""
     if temperature < 0:
         raise ConfigError(f"temperature must be >= 0, got {temperature}")
+    # Sampling divides float32 logits by the temperature: below ~max|logit| / 3.4e38 they overflow to inf and
+    # the probabilities become NaN (measured: |logits| 1 fail below 1e-38, 1e4 below 1e-36; 1e-46 rounds to 0
+    # in float32). 1e-30 leaves 8 orders of margin, and from 1e-3 down sampling already picks the greedy id.
+    min_temperature = 1e-30
+    if 0 < temperature < min_temperature:
+        from qwenvl_cli.errors import UsageError
+
+        raise UsageError(
+            f"temperature {temperature:g} is too small to sample with (the smallest is {min_temperature:g}); "
+            "use --temperature 0 for greedy decoding"
+        )
     if not 0 < top_p <= 1:
         raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
@@ -283,10 +295,6 @@ class GenerationConfig:
         check_sampling(self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.max_new_tokens)
         if not self.eos_token_ids:
             raise ConfigError("generation_config: no eos_token_id")
-
-    @property
-    def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> GenerationConfig:

@@ -244,3 +244,41 @@ def test_unsupported_schema_is_a_usage_error_at_construction(engine, schema, nam
 def test_a_schema_that_is_not_an_object_is_a_usage_error(engine):
     with pytest.raises(UsageError, match="expected an object"):
         engine.json_constraint(["not", "a", "schema"])
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"$ref": "#"},
+        {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+    ],
+)
+def test_a_schema_that_allows_no_value_is_a_usage_error_at_construction(engine, schema):
+    # It compiles; llguidance finds out at the first mask, where the JSON starts (after the fence when fenced),
+    # and used to answer with its parser state dump from inside generation.
+    for fenced in (False, True):
+        with pytest.raises(UsageError, match="refers to itself") as info:
+            JsonConstraint.from_schema(engine.tokenizer, schema, fenced=fenced)
+        assert "<state>" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_deeply_nested_schema_is_a_usage_error_not_a_recursion_error(engine):
+    schema: dict = {"type": "integer"}
+    for _ in range(600):  # deepcopy alone would overflow Python's stack
+        schema = {"type": "object", "properties": {"a": schema}}
+    with pytest.raises(UsageError, match="nested too deeply"):
+        engine.json_constraint(schema)
+
+
+def test_long_llguidance_errors_are_cut_to_one_line_of_200_characters(engine):
+    schema = {"type": "string", "pattern": "((((" + "x" * 500}
+    with pytest.raises(UsageError) as info:
+        engine.json_constraint(schema)
+    reason = str(info.value).split("constrained output: ", 1)[-1].split("JSON schema: ", 1)[-1]
+    assert "\n" not in reason and len(reason) <= 200 and reason.endswith("...")
+
+
+def test_a_constraint_is_still_fresh_after_the_construction_probe(engine):
+    constraint = engine.json_constraint(SCHEMAS["key-value"], fenced=True)
+    first = engine.tokenizer.encode("```json\n")[0]
+    assert constraint.allowed(151936, "cpu")[first]  # the probe through the fence was undone

@@ -10,12 +10,16 @@ Prompts are the cookbooks' (see ../shared/QWEN25VL.md).
 from __future__ import annotations
 
 import json
+import os
+import select
+import stat
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
+from qwenvl_cli.constrain import SCHEMA_MAX_DEPTH, bound_schema, check_depth
 from qwenvl_cli.engine import Answer
 from qwenvl_cli.errors import AnswerError, UsageError
+from qwenvl_cli.inputs import PIPE_WAIT_SECONDS
 from qwenvl_cli.jsonfix import LenientJSONError, parse_lenient
 from qwenvl_cli.tables import Table, tables_from_html
 from qwenvl_cli.tasks.base import Rendered, Task
@@ -80,20 +84,63 @@ def choose_mode(fields: str | None, schema: str | None, fmt: str, json_out: bool
     return ExtractMode("text")
 
 
+SCHEMA_MAX_BYTES = 1 << 20  # a JSON Schema is a few KiB; /dev/zero or a log file must not fill the memory
+
+
 def load_schema(path: str) -> dict:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"--schema {path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--schema {path}: cannot read ({exc})") from None
+    """The --schema file as a dict; every problem (missing, too big, a pipe nobody writes to, not JSON,
+    nested too deeply) is a one-line UsageError naming the path."""
+    text = _read_schema(path)
     try:
         schema = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UsageError(f"--schema {path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        raise UsageError(f"--schema {path}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    except RecursionError as exc:
+        raise UsageError(f"--schema {path}: nested too deeply (at most {SCHEMA_MAX_DEPTH} levels)") from exc
     if not isinstance(schema, dict):
         raise UsageError(f"--schema {path}: a JSON Schema is an object, got {type(schema).__name__}")
+    try:
+        check_depth(schema)
+    except UsageError as exc:
+        raise UsageError(f"--schema {path}: {exc}") from exc
     return schema
+
+
+def _read_schema(path: str) -> str:
+    """At most SCHEMA_MAX_BYTES of the file; a FIFO or device waits at most PIPE_WAIT_SECONDS for data,
+    as inputs do (inputs._read_pipe, whose 1 GiB bound is for images)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # non-blocking: opening a FIFO waits for no writer
+    except FileNotFoundError as exc:
+        raise UsageError(f"--schema {path}: file not found") from exc
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--schema {path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from exc
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise UsageError(f"--schema {path}: is a directory")
+        if stat.S_ISREG(info.st_mode):
+            if info.st_size > SCHEMA_MAX_BYTES:
+                raise UsageError(f"--schema {path}: {info.st_size} bytes; a schema must be at most "
+                                 f"{SCHEMA_MAX_BYTES} bytes ({SCHEMA_MAX_BYTES >> 20} MiB)")
+        elif not select.select([fd], [], [], PIPE_WAIT_SECONDS)[0]:
+            raise UsageError(f"--schema {path}: not a regular file, and nothing was written to it in "
+                             f"{PIPE_WAIT_SECONDS:g} s")
+        os.set_blocking(fd, True)
+        chunks, total = [], 0
+        while total <= SCHEMA_MAX_BYTES and (chunk := os.read(fd, SCHEMA_MAX_BYTES + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > SCHEMA_MAX_BYTES:
+            raise UsageError(f"--schema {path}: more than {SCHEMA_MAX_BYTES} bytes "
+                             f"({SCHEMA_MAX_BYTES >> 20} MiB); a schema must be at most that")
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--schema {path}: cannot read ({exc})") from exc
+    except OSError as exc:
+        raise UsageError(f"--schema {path}: cannot read ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)
 
 
 FIELD_MAX_CHARS = 200  # key fields are short values; the bound also guarantees the answer ends
@@ -139,8 +186,8 @@ def _data(answer: Answer) -> Any:
         )
     try:
         return parse_lenient(answer.text)
-    except LenientJSONError:
-        raise AnswerError(f"the model's answer is not JSON: {answer.text[:80]!r}") from None
+    except LenientJSONError as exc:
+        raise AnswerError(f"the model's answer is not JSON: {answer.text[:80]!r}") from exc
 
 
 def _spotting(answer: Answer, seen: Sequence[Seen]) -> Extracted:
@@ -178,7 +225,10 @@ class ExtractTask(Task):
         super().prepare(engine, items)
         if self.mode.kind == "schema":
             try:
-                self._constraint(self.mode.schema)  # an unsupported schema fails here, before any input is read
+                # Decoded against the schema with bounds on every open-ended value (the prompt shows the
+                # user's own), so that a looping model still closes the JSON; see constrain.bound_schema.
+                self._bounded = bound_schema(self.mode.schema)
+                self._constraint(self._bounded)  # an unsupported schema fails here, before any input is read
             except UsageError as exc:
                 raise UsageError(f"--schema {self.mode.schema_path}: {exc}") from exc
 
@@ -196,7 +246,7 @@ class ExtractTask(Task):
             schema = fields_schema(mode.fields)
             return Job(fields_prompt(mode.fields), lambda a: Extracted(data=_data(a)), self._constraint(schema))
         if mode.kind == "schema":
-            return Job(schema_prompt(mode.schema), lambda a: Extracted(data=_data(a)), self._constraint(mode.schema))
+            return Job(schema_prompt(mode.schema), lambda a: Extracted(data=_data(a)), self._constraint(self._bounded))
         return Job(HTML_PROMPT, finish=lambda a: Extracted(text=a.text, tables=tuple(tables_from_html(a.text))))
 
     def render(self, outcome: Outcome) -> Rendered:
