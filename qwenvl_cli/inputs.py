@@ -57,21 +57,19 @@ def _read_pipe(path: Path, name: str) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
-        raise InputError(f"{name}: cannot read ({exc.strerror})") from None
+        raise InputError(f"{name}: cannot read ({exc.strerror})") from exc
     try:
         ready, _, _ = select.select([fd], [], [], PIPE_WAIT_SECONDS)
         if not ready:
             raise InputError(f"{name}: not a regular file, and nothing was written to it in {PIPE_WAIT_SECONDS:g} s")
         os.set_blocking(fd, True)
-        chunks, total = [], 0
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > MAX_PIPE_BYTES:
-                raise InputError(f"{name}: more than {MAX_PIPE_BYTES >> 20} MiB from a pipe")
-        return b"".join(chunks)
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as stream:
+            data = _read_bounded(stream)
+        if data is None:
+            raise InputError(f"{name}: more than {MAX_PIPE_BYTES >> 20} MiB from a pipe")
+        return data
     except OSError as exc:
-        raise InputError(f"{name}: cannot read ({exc.strerror})") from None
+        raise InputError(f"{name}: cannot read ({exc.strerror})") from exc
     finally:
         os.close(fd)
 
