@@ -74,11 +74,30 @@ def model_dir(make_ckpt):
     return str(make_ckpt(max_pixels=64 * 28 * 28))
 
 
+# Videos, made with PyAV in the fixture: name -> words the one error line must contain.
+HOSTILE_VIDEOS = {
+    "no-moov.mp4": "moov",  # an MP4 cut in half: its index (written last) is gone
+    "zero-frames.mkv": "no frames",  # a video stream without one frame
+    "garbage.mkv": "ffmpeg",  # a Matroska signature, then noise
+}
+
+
+def _write_hostile_videos(folder: Path) -> None:
+    from video_fixtures import write_clip, zero_frame_clip
+
+    good = write_clip(folder / "good.mp4", 20, fps=10).read_bytes()
+    (folder / "good.mp4").unlink()
+    (folder / "no-moov.mp4").write_bytes(good[: len(good) // 2])
+    zero_frame_clip(folder / "zero-frames.mkv")
+    (folder / "garbage.mkv").write_bytes(b"\x1a\x45\xdf\xa3" + bytes(range(256)) * 12)
+
+
 @pytest.fixture(scope="module")
 def hostile_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("hostile")
     for name, (data, _) in HOSTILE.items():
         (folder / name).write_bytes(data)
+    _write_hostile_videos(folder)
     return folder
 
 
@@ -96,6 +115,15 @@ def test_each_hostile_file_is_one_line_and_exit_1(model_dir, hostile_dir, name, 
     path = str(hostile_dir / name)
     r = CliRunner().invoke(app, [command, path, "--model", model_dir, "--max-new-tokens", "2"])
     assert_one_line(r, path, HOSTILE[name][1])
+    assert r.stdout == ""
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_VIDEOS))
+@pytest.mark.parametrize("command", ["describe", "video"])
+def test_each_hostile_video_is_one_line_and_exit_1(model_dir, hostile_dir, name, command):
+    path = str(hostile_dir / name)
+    r = CliRunner().invoke(app, [command, path, "--model", model_dir, "--max-new-tokens", "2"])
+    assert_one_line(r, path, HOSTILE_VIDEOS[name])
     assert r.stdout == ""
 
 
@@ -166,7 +194,7 @@ def test_broken_model_directories(make_ckpt, tmp_path, breakage, words):
 def test_a_batch_of_every_hostile_file_in_a_real_process(model_dir, hostile_dir):
     """All of them in one run, with good files between: one error line each, the good ones answer, exit 1,
     within a timeout, and the process's peak memory stays far below what the huge PNG would need."""
-    names = sorted(HOSTILE)
+    names = sorted(HOSTILE) + sorted(HOSTILE_VIDEOS)
     args = [str(SHAPES)] + [str(hostile_dir / n) for n in names] + [str(SHAPES)]
     cmd = [sys.executable, "-m", "qwenvl_cli", "describe", *args, "--model", model_dir, "--json", "--max-new-tokens", "2"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)

@@ -28,7 +28,7 @@ from qwenvl_cli.media.video import (
     smart_nframes,
 )
 from qwenvl_cli.sheet import contact_sheet
-from video_fixtures import index_of, picture, write_clip
+from video_fixtures import index_of, picture, write_clip, zero_frame_clip
 
 SMALL = dict(min_pixels=56 * 56, max_pixels=56 * 56)  # keeps decoded test frames at 56x56
 
@@ -454,15 +454,7 @@ def test_unsupported_codec(tmp_path):
 
 
 def test_zero_frames(tmp_path):
-    path = tmp_path / "z.mkv"
-    with av.open(str(path), "w") as out:
-        video = out.add_stream("mpeg4", rate=10)
-        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
-        audio = out.add_stream("mp2", rate=48000, layout="stereo")
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 2 * 1152 * 4), np.int16), format="s16", layout="stereo")
-        frame.sample_rate = 48000
-        for packet in [*audio.encode(frame), *audio.encode()]:
-            out.mux(packet)
+    path = zero_frame_clip(tmp_path / "z.mkv")
     with pytest.raises(InputError, match=r"^z\.mkv: the video stream holds no frames"):
         sample_video(path, "z.mkv", VideoOptions())
 

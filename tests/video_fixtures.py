@@ -63,3 +63,16 @@ def write_clip(
         for packet in stream.encode():
             out.mux(packet)
     return path
+
+
+def zero_frame_clip(path: Path) -> Path:
+    """A Matroska file with a video stream that holds no frame (and an audio stream, so it is written)."""
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("mpeg4", rate=10)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = out.add_stream("mp2", rate=48000, layout="stereo")
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 2 * 1152 * 4), np.int16), format="s16", layout="stereo")
+        frame.sample_rate = 48000
+        for packet in [*audio.encode(frame), *audio.encode()]:
+            out.mux(packet)
+    return path
