@@ -101,7 +101,6 @@ def run_task(task: Task, opts: Common) -> None:
     """Answer every input with `task`; exit 1 at the end when any input (or part) failed."""
     check_sampling_options(opts)
     source_opts = source_options(opts, task)
-    task.together = opts.together
     stdin = sys.stdin.buffer if "-" in opts.inputs and sys.stdin is not None else None  # None: closed (<&-)
     items = expand_inputs(opts.inputs, stdin, opts.recursive, task.videos)
     several_parts = source_opts.pages is not None or source_opts.segment is not None

@@ -33,7 +33,6 @@ class Task:
     `render`; `prepare` runs once after the model has loaded, before any input is read."""
 
     streams = False  # text answers stream to stdout as they are generated
-    together = False  # one answer for every input (--together)
     videos = False  # reads video files (the others are refused before any decoding)
     joins_parts = False  # the text answers of one input's parts form one document (subtitles of segments):
     # no `==>` header between them, and with --output-dir one file per input

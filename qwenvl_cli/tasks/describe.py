@@ -24,9 +24,8 @@ class DescribeTask(Task):
     streams = True
     videos = True
 
-    def __init__(self, prompt: str | None, together: bool = False) -> None:
+    def __init__(self, prompt: str | None) -> None:
         self.prompt = prompt
-        self.together = together
 
     def plan(self, seen: Sequence[Seen]) -> Job:
         return Job(self.prompt or default_prompt(seen))

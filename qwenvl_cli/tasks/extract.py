@@ -215,10 +215,9 @@ def render_tables(tables, fmt: str) -> list:
 class ExtractTask(Task):
     """`json_out`: the records are JSON (plain OCR becomes text spotting, CSV tables stay one record)."""
 
-    def __init__(self, mode: ExtractMode, json_out: bool, together: bool = False) -> None:
+    def __init__(self, mode: ExtractMode, json_out: bool) -> None:
         self.mode = mode
         self.json_out = json_out
-        self.together = together
         self.streams = mode.kind == "text"
 
     def prepare(self, engine, items) -> None:
