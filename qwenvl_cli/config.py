@@ -9,6 +9,8 @@ values the real Qwen2.5-VL checkpoints need (not transformers' class defaults).
 from __future__ import annotations
 
 import json
+import math
+import reprlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -24,11 +26,48 @@ VISION_END_ID = 151653
 IMAGE_PAD_ID = 151655
 VIDEO_PAD_ID = 151656
 
+# Upper bounds far above every Qwen2.5-VL checkpoint (the 72B: 80 layers, hidden 8192, intermediate 29568,
+# vocab 152064; every vision tower: 32 blocks of 1280), so that a damaged config.json cannot make the
+# meta build create 10^5 layers (minutes, gigabytes) before the weights are looked at.
+MAX_LAYERS = 1000
+MAX_HIDDEN = 65536
+MAX_INTERMEDIATE = 4 * MAX_HIDDEN
+MAX_VOCAB = 10_000_000
+MAX_POSITIONS = 10_000_000
+# An image is upscaled to at least min_pixels: 128000 context tokens of 28x28 pixels is already more than
+# the decoder can take (the real value is 3136).
+MAX_MIN_PIXELS = 128000 * 28 * 28
+# The largest JSON file read here; the largest real one (the 72B's index) is about 100 KB.
+MAX_JSON_BYTES = 16 << 20
+
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxstring, _SHOW.maxlong, _SHOW.maxother = 2, 6, 4, 40, 24, 40
+
+
+def show(value: Any) -> str:
+    """A config value for an error message, bounded in length and depth (a file may hold anything)."""
+    return _SHOW.repr(value)
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or a finite float (Python's json reads NaN and Infinity)."""
+    return is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
 
 def _positive(owner: str, **values: int | float) -> None:
     for name, value in values.items():
         if not value > 0:
             raise ConfigError(f"{owner}: {name} must be positive, got {value}")
+
+
+def _at_most(owner: str, limit: int, **values: int) -> None:
+    for name, value in values.items():
+        if value > limit:
+            raise ConfigError(f"{owner}: {name} {show(value)} is more than {limit:,} (no Qwen2.5-VL is near that)")
 
 
 @dataclass(frozen=True)
@@ -63,7 +102,11 @@ class VisionConfig:
             spatial_merge_size=self.spatial_merge_size,
             window_size=self.window_size,
             tokens_per_second=self.tokens_per_second,
+            rms_norm_eps=self.rms_norm_eps,
         )
+        _at_most("vision_config", MAX_LAYERS, depth=self.depth)
+        _at_most("vision_config", MAX_HIDDEN, hidden_size=self.hidden_size, out_hidden_size=self.out_hidden_size)
+        _at_most("vision_config", MAX_INTERMEDIATE, intermediate_size=self.intermediate_size)
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"vision_config: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
@@ -77,7 +120,7 @@ class VisionConfig:
             )
         bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
         if bad:
-            raise ConfigError(f"vision_config: fullatt_block_indexes {bad} outside 0..{self.depth - 1}")
+            raise ConfigError(f"vision_config: fullatt_block_indexes {show(bad)} outside 0..{self.depth - 1}")
         if self.hidden_act != "silu":
             raise ConfigError(f"vision_config: hidden_act {self.hidden_act!r} is not supported (only 'silu')")
 
@@ -128,7 +171,13 @@ class TextConfig:
             num_key_value_heads=self.num_key_value_heads,
             rope_theta=self.rope_theta,
             max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.rms_norm_eps,
         )
+        _at_most("text_config", MAX_LAYERS, num_hidden_layers=self.num_hidden_layers)
+        _at_most("text_config", MAX_HIDDEN, hidden_size=self.hidden_size)
+        _at_most("text_config", MAX_INTERMEDIATE, intermediate_size=self.intermediate_size)
+        _at_most("text_config", MAX_VOCAB, vocab_size=self.vocab_size)
+        _at_most("text_config", MAX_POSITIONS, max_position_embeddings=self.max_position_embeddings)
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"text_config: hidden_size {self.hidden_size} is not divisible by "
@@ -141,7 +190,7 @@ class TextConfig:
             )
         if len(self.mrope_section) != 3 or sum(self.mrope_section) != self.head_dim // 2:
             raise ConfigError(
-                f"text_config: mrope_section {list(self.mrope_section)} must be 3 numbers summing to "
+                f"text_config: mrope_section {show(list(self.mrope_section))} must be 3 numbers summing to "
                 f"head_dim // 2 = {self.head_dim // 2}"
             )
         if self.hidden_act != "silu":
@@ -178,10 +227,10 @@ class ModelConfig:
         """Parse either config.json style. Raises ConfigError on impossible values."""
         model_type = raw.get("model_type", "qwen2_5_vl")
         if model_type != "qwen2_5_vl":
-            raise ConfigError(f"config.json: model_type {model_type!r} is not qwen2_5_vl")
+            raise ConfigError(f"config.json: model_type {show(model_type)} is not qwen2_5_vl")
         for key in ("text_config", "vision_config", "rope_scaling", "rope_parameters"):
             if raw.get(key) is not None and not isinstance(raw[key], dict):
-                raise ConfigError(f"config.json: {key} must be an object, got {raw[key]!r}")
+                raise ConfigError(f"config.json: {key} must be an object, got {show(raw[key])}")
         text_raw = dict(raw.get("text_config") or {})
         # Flat 4.x style keeps the text fields at the top level; nested keeps them in text_config.
         for key in (f.name for f in fields(TextConfig)):
@@ -190,9 +239,9 @@ class ModelConfig:
         # mrope_section lives in rope_scaling (4.x) or rope_parameters (5.x), nested or at the top level.
         rope = next((d[k] for d in (text_raw, raw) for k in ("rope_parameters", "rope_scaling") if d.get(k)), {})
         if not isinstance(rope, dict):
-            raise ConfigError(f"config.json: rope_scaling / rope_parameters must be an object, got {rope!r}")
+            raise ConfigError(f"config.json: rope_scaling / rope_parameters must be an object, got {show(rope)}")
         if "mrope_section" in rope:
-            text_raw["mrope_section"] = tuple(rope["mrope_section"])
+            text_raw["mrope_section"] = rope["mrope_section"]  # _build checks it is a list
         if "rope_theta" in rope and "rope_theta" not in text_raw:
             text_raw["rope_theta"] = rope["rope_theta"]
         if "tie_word_embeddings" in raw:
@@ -205,25 +254,40 @@ class ModelConfig:
         if "embed_dim" in vision_raw and "hidden_size" not in vision_raw:
             vision_raw["hidden_size"] = vision_raw["embed_dim"]
         vision_raw.setdefault("out_hidden_size", text.hidden_size)
-        if "fullatt_block_indexes" in vision_raw:
-            vision_raw["fullatt_block_indexes"] = tuple(vision_raw["fullatt_block_indexes"])
         vision = _build(VisionConfig, vision_raw, "vision_config")
 
         top = {k: raw[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id") if k in raw}
-        dtype = raw.get("torch_dtype") or raw.get("dtype") or text_raw.get("torch_dtype") or "bfloat16"
-        return cls(text=text, vision=vision, torch_dtype=str(dtype), **top)
+        top["torch_dtype"] = raw.get("torch_dtype") or raw.get("dtype") or text_raw.get("torch_dtype")
+        return _build(cls, {**top, "text": text, "vision": vision}, "config.json")
 
     @classmethod
     def from_file(cls, path: Path) -> ModelConfig:
-        raw = read_json(path)
-        try:
-            return cls.from_dict(raw)
-        except ConfigError as exc:  # name the file the impossible numbers came from
-            raise ConfigError(f"{path}: {exc}") from None
+        return _from_file(cls, path)
+
+
+def _from_file(cls: type, path: Path):
+    """`cls.from_dict` of a JSON file, naming the file the impossible numbers came from."""
+    raw = read_json(path)
+    try:
+        return cls.from_dict(raw)
+    except ConfigError as exc:
+        message = str(exc).removeprefix(f"{Path(path).name}: ")  # from_dict's "config.json: ..." once
+        raise ConfigError(f"{path}: {message}") from exc
+
+
+# What a list-valued field holds, for its error message (the default says whole numbers or numbers).
+_LIST_OF = {
+    "fullatt_block_indexes": "a list of block numbers",
+    "mrope_section": "a list of 3 whole numbers",
+    "eos_token_ids": "a list of token ids",
+    "image_mean": "a list of 3 numbers",
+    "image_std": "a list of 3 numbers",
+}
 
 
 def _build(cls: type, raw: dict[str, Any], owner: str):
-    """Construct `cls` from the known keys of `raw`, checking each value against its default's type."""
+    """Construct `cls` from the known keys of `raw`, checking each value against its default's type: one
+    ConfigError naming the field and the expected shape, before any value is iterated or compared."""
     kwargs = {}
     for f in fields(cls):
         value = raw.get(f.name)
@@ -231,27 +295,27 @@ def _build(cls: type, raw: dict[str, Any], owner: str):
             continue
         default = f.default
         if isinstance(default, bool):
-            ok = isinstance(value, bool)
+            ok, want = isinstance(value, bool), "true or false"
         elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool)
+            ok, want = is_int(value), "a whole number"
         elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok, want = is_number(value), "a finite number"
         elif isinstance(default, tuple):
-            ok = isinstance(value, (list, tuple)) and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-            )
+            whole = all(is_int(v) for v in default)
+            want = _LIST_OF.get(f.name, "a list of whole numbers" if whole else "a list of numbers")
+            ok = isinstance(value, (list, tuple)) and all(is_int(v) if whole else is_number(v) for v in value)
             value = tuple(value) if ok else value
         elif isinstance(default, str):
-            ok = isinstance(value, str)
+            ok, want = isinstance(value, str), "a string"
         else:
-            ok = True
+            ok, want = True, ""
         if not ok:
-            raise ConfigError(f"{owner}: {f.name} has the wrong type ({value!r})")
+            raise ConfigError(f"{owner}: {f.name} must be {want}, got {show(value)}")
         kwargs[f.name] = value
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{owner}: {exc}") from None
+        raise ConfigError(f"{owner}: {exc}") from exc
 
 
 def check_sampling(temperature: float, top_p: float, top_k: int, repetition_penalty: float, max_new_tokens: int) -> None:
@@ -295,11 +359,20 @@ class GenerationConfig:
         check_sampling(self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.max_new_tokens)
         if not self.eos_token_ids:
             raise ConfigError("generation_config: no eos_token_id")
+        if min(self.eos_token_ids) < 0:
+            raise ConfigError(f"generation_config: eos_token_id {show(list(self.eos_token_ids))} holds a negative id")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> GenerationConfig:
-        eos = raw.get("eos_token_id", list(cls.eos_token_ids))
-        eos = tuple(eos) if isinstance(eos, list) else (eos,)
+        eos = raw.get("eos_token_id")
+        if eos is None:
+            eos = cls.eos_token_ids
+        elif is_int(eos):
+            eos = (eos,)
+        elif not isinstance(eos, list) or not all(is_int(t) and t >= 0 for t in eos):
+            raise ConfigError(
+                f"generation_config: eos_token_id must be a token id or a list of them, got {show(eos)}"
+            )
         kwargs: dict[str, Any] = {"eos_token_ids": eos}
         for key in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens"):
             if raw.get(key) is not None:
@@ -309,7 +382,7 @@ class GenerationConfig:
     @classmethod
     def from_dir(cls, path: Path) -> GenerationConfig:
         file = path / "generation_config.json"
-        return cls.from_dict(read_json(file)) if file.is_file() else cls()
+        return _from_file(cls, file) if file.is_file() else cls()
 
 
 @dataclass(frozen=True)
@@ -333,10 +406,14 @@ class PreprocessorConfig:
             temporal_patch_size=self.temporal_patch_size,
             merge_size=self.merge_size,
         )
+        _at_most("preprocessor_config", MAX_MIN_PIXELS, min_pixels=self.min_pixels)
         if self.min_pixels > self.max_pixels:
             raise ConfigError(f"min_pixels {self.min_pixels} is larger than max_pixels {self.max_pixels}")
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
-            raise ConfigError(f"image_mean/image_std must be 3 values (std > 0), got {self.image_mean}, {self.image_std}")
+            raise ConfigError(
+                f"preprocessor_config: image_mean/image_std must be 3 values (std > 0), got "
+                f"{show(list(self.image_mean))}, {show(list(self.image_std))}"
+            )
 
     @property
     def factor(self) -> int:
@@ -346,7 +423,11 @@ class PreprocessorConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> PreprocessorConfig:
         kwargs: dict[str, Any] = {}
-        size = raw.get("size") or {}
+        size = raw.get("size")
+        if size is None:
+            size = {}
+        if not isinstance(size, dict):
+            raise ConfigError(f"preprocessor_config: size must be an object, got {show(size)}")
         if "shortest_edge" in size:  # transformers-5 style
             kwargs["min_pixels"] = size["shortest_edge"]
         if "longest_edge" in size:
@@ -356,22 +437,29 @@ class PreprocessorConfig:
                 kwargs[key] = raw[key]
         for key in ("image_mean", "image_std"):
             if raw.get(key) is not None:
-                kwargs[key] = tuple(raw[key])
+                kwargs[key] = raw[key]  # _build checks it is a list of numbers
         return _build(cls, kwargs, "preprocessor_config")
 
     @classmethod
     def from_dir(cls, path: Path) -> PreprocessorConfig:
         file = path / "preprocessor_config.json"
-        return cls.from_dict(read_json(file)) if file.is_file() else cls()
+        return _from_file(cls, file) if file.is_file() else cls()
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file of at most MAX_JSON_BYTES, nested no deeper than json's recursion allows."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+        if len(data) > MAX_JSON_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_JSON_BYTES >> 20} MiB, not a checkpoint's JSON file")
+        data = json.loads(data.decode("utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: file not found") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from exc
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError, ints over 4300 digits
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

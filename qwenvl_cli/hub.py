@@ -35,9 +35,13 @@ def _looks_like_path(ref: str) -> bool:
 def resolve_model(ref: str) -> Path:
     """A directory for `ref`, downloading a hub id when needed."""
     path = Path(ref).expanduser()
-    if path.is_dir():
+    try:
+        is_dir, exists = path.is_dir(), path.exists()
+    except OSError as exc:  # a name too long, a permission denied on the way: not the ENOENT kind
+        raise ModelError(f"{ref}: cannot read ({exc.strerror or exc})") from exc
+    if is_dir:
         return path
-    if path.exists():
+    if exists:
         raise ModelError(f"{ref}: not a directory (pass a checkpoint directory or a hub id like {DEFAULT_MODEL})")
     if _looks_like_path(ref):
         raise ModelError(f"{ref}: model directory not found")
@@ -80,19 +84,24 @@ def _download(repo_id: str) -> Path:
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
     )
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS))
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as exc:
         raise ModelError(
             f"{repo_id}: not in the local Hugging Face cache and it cannot be downloaded (offline or no network); "
             f"connect and retry, or pass --model DIR with a local checkpoint"
-        ) from None
-    except (RepositoryNotFoundError, GatedRepoError):
-        raise ModelError(f"{repo_id}: no such model on the Hugging Face hub (or it needs a login)") from None
+        ) from exc
+    except HFValidationError as exc:  # not owner/name in the characters and length the hub allows
+        raise ModelError(
+            f"{repo_id}: no such model directory, and not a valid hub id (like {DEFAULT_MODEL})"
+        ) from exc
+    except (RepositoryNotFoundError, GatedRepoError) as exc:
+        raise ModelError(f"{repo_id}: no such model on the Hugging Face hub (or it needs a login)") from exc
     except (HfHubHTTPError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{repo_id}: download failed ({first}); pass --model DIR to use a local checkpoint") from None
+        raise ModelError(f"{repo_id}: download failed ({first}); pass --model DIR to use a local checkpoint") from exc

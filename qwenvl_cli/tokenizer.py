@@ -10,6 +10,9 @@ from pathlib import Path
 from qwenvl_cli import config as ids
 from qwenvl_cli.errors import ModelError
 
+# tokenizer.json is read whole into memory (Qwen2.5-VL's is 7 MB); a larger file is not a tokenizer.
+MAX_TOKENIZER_BYTES = 64 << 20
+
 # The added tokens every Qwen2.5-VL tokenizer must carry, at these ids.
 SPECIAL_TOKENS = {
     "<|endoftext|>": ids.ENDOFTEXT_ID,
@@ -45,10 +48,18 @@ class Tokenizer:
         if not file.is_file():
             raise ModelError(f"{file}: tokenizer file not found")
         try:
+            size = file.stat().st_size
+        except OSError as exc:
+            raise ModelError(f"{file}: cannot read ({exc.strerror or exc})") from exc
+        if size > MAX_TOKENIZER_BYTES:
+            raise ModelError(
+                f"{file}: {size:,} bytes, larger than a tokenizer ({MAX_TOKENIZER_BYTES >> 20} MiB at most)"
+            )
+        try:
             backend = Backend.from_file(str(file))
         except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ModelError(f"{file}: cannot load tokenizer ({reason})") from None
+            raise ModelError(f"{file}: cannot load tokenizer ({reason})") from exc
         return cls(backend, file)
 
     @property

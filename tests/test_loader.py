@@ -83,11 +83,21 @@ def test_missing_and_unexpected_keys_are_listed(make_ckpt, tmp_path):
 
 
 def test_shape_mismatch_is_reported_with_shapes(make_ckpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+
     path = _copy(make_ckpt(), tmp_path)
     config = json.loads((path / "config.json").read_text())
-    config["intermediate_size"] = 96 if config.get("intermediate_size") != 96 else 112
+    config["intermediate_size"] = 96  # the weights hold 128: caught from the headers, before the build
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelError, match=r"mlp.*has shape .* the config needs"):
+    with pytest.raises(ModelError, match=r"config.json says intermediate_size 96 but model.safetensors holds "
+                                         r"model.layers.0.mlp.gate_proj.weight with shape \(128, 64\)"):
+        open_checkpoint(path)
+    # A tensor the header check does not look at: the strict load names it with both shapes.
+    path = _copy(make_ckpt(), tmp_path / "second")
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"] = torch.zeros(64, 96)
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(ModelError, match=r"down_proj.weight has shape \(64, 96\), the config needs \(64, 128\)"):
         load_model(open_checkpoint(path))
 
 
@@ -157,6 +167,7 @@ def test_generation_and_preprocessor_configs():
                                       "temperature": 0.1, "top_p": 0.001, "top_k": 1})
     assert gen.eos_token_ids == (151645, 151643) and gen.do_sample and gen.temperature > 0 and gen.top_k == 1
     assert GenerationConfig.from_dict({"eos_token_id": 151645}).eos_token_ids == (151645,)
+    assert GenerationConfig.from_dict({"eos_token_id": None}).eos_token_ids == (151645, 151643)  # null: the default
     pre = PreprocessorConfig.from_dict({"size": {"shortest_edge": 100, "longest_edge": 2000}})
     assert (pre.min_pixels, pre.max_pixels, pre.factor) == (100, 2000, 28)
     with pytest.raises(ConfigError, match="min_pixels 5000 is larger than max_pixels 4000"):
@@ -168,8 +179,8 @@ def test_generation_and_preprocessor_configs():
     [
         (lambda c: c.update(rope_scaling=5), "rope_scaling must be an object"),
         (lambda c: c.update(vision_config=[1]), "vision_config must be an object"),
-        (lambda c: c.update(num_hidden_layers=2.5), "num_hidden_layers has the wrong type"),
-        (lambda c: c.update(rms_norm_eps="x"), "rms_norm_eps has the wrong type"),
+        (lambda c: c.update(num_hidden_layers=2.5), "num_hidden_layers must be a whole number, got 2.5"),
+        (lambda c: c.update(rms_norm_eps="x"), "rms_norm_eps must be a finite number, got 'x'"),
         (lambda c: c.update(image_token_id=5), "image/video token ids"),
     ],
 )

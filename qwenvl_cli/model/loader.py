@@ -2,10 +2,11 @@
 
 Reads only safetensors (never pickle). Accepts the hub key layout (`model.layers.*`, `visual.*`) and
 transformers-5 saves (`model.language_model.*`, `model.visual.*`), single files and sharded ones with an
-index, and tied embeddings (no `lm_head.weight`). Each tensor is cast and moved as it is read (safetensors
-maps the file: a tensor already in the wanted dtype is used in place, not copied), quantized as it is
-read under `quantize`, so the weights are never held twice. On CPU the decoder's float linears are then
-repacked for oneDNN (model/quant.py), one matrix at a time.
+index, and tied embeddings (no `lm_head.weight`). Before anything is built, config.json is held against
+the tensor names and shapes in the shards' headers (layer counts, widths, vocabulary). Each tensor is
+cast and moved as it is read (safetensors maps the file: a tensor already in the wanted dtype is used in
+place, not copied), quantized as it is read under `quantize`, so the weights are never held twice. On
+CPU the decoder's float linears are then repacked for oneDNN (model/quant.py), one matrix at a time.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qwenvl_cli.config import GenerationConfig, ModelConfig, PreprocessorConfig, read_json
+from qwenvl_cli.config import GenerationConfig, ModelConfig, PreprocessorConfig, read_json, show
 from qwenvl_cli.errors import ModelError
 from qwenvl_cli.model.quant import (
     QUANTIZATIONS,
@@ -66,10 +67,12 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelError(f"{index}: no weight_map")
-        names = set(weight_map.values())
-        if not all(isinstance(n, str) and n and "/" not in n and "\\" not in n and n != ".." for n in names):
-            raise ModelError(f"{index}: weight_map must name shard files inside the checkpoint directory")
-        files = tuple(path / name for name in sorted(names))
+        bad = [n for n in weight_map.values() if not _is_shard_name(n)]
+        if bad:
+            raise ModelError(
+                f"{index}: weight_map must name shard files inside the checkpoint directory, got {show(bad[0])}"
+            )
+        files = tuple(path / name for name in sorted(set(weight_map.values())))
     elif (path / "model.safetensors").is_file():
         files = (path / "model.safetensors",)
     else:
@@ -80,7 +83,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise ModelError(f"{path}: no *.safetensors weights")
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise ModelError(f"{path}: missing weight shard(s) {', '.join(missing)}")
+        raise ModelError(f"{path}: missing weight shard(s) {_first(missing)}")
     preprocessor = PreprocessorConfig.from_dir(path)
     v = config.vision
     ours = (preprocessor.patch_size, preprocessor.merge_size, preprocessor.temporal_patch_size)
@@ -90,6 +93,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             f"{path}: preprocessor_config.json patch/merge/temporal sizes {ours} do not match the vision "
             f"config's {theirs}"
         )
+    check_against_weights(path, config, read_shapes(files))
     return Checkpoint(
         path=path,
         config=config,
@@ -97,6 +101,105 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         preprocessor=preprocessor,
         weight_files=files,
     )
+
+
+def _is_shard_name(name: object) -> bool:
+    return (
+        isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+        and name.isprintable()
+    )
+
+
+def _first(names: list[str], n: int = 5) -> str:
+    """At most `n` names, then how many in all: an error stays one short line."""
+    more = f" ... ({len(names)} in all)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+@dataclass(frozen=True)
+class HeldTensor:
+    file: str  # shard file name
+    key: str  # as the file spells it (either layout)
+    shape: tuple[int, ...]
+
+
+def read_shapes(files: tuple[Path, ...]) -> dict[str, HeldTensor]:
+    """Canonical key -> where it is and its shape, from the shards' headers only (safetensors reads the
+    8-byte length and the JSON header, at most 100 MB, and validates the offsets; no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    held: dict[str, HeldTensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as reader:
+                for raw_key in reader.keys():
+                    key = canonical_key(raw_key)
+                    if key in held:
+                        raise ModelError(f"{file}: {raw_key} is also in {held[key].file} (as {held[key].key})")
+                    held[key] = HeldTensor(file.name, raw_key, tuple(reader.get_slice(raw_key).get_shape()))
+        except SafetensorError as exc:
+            raise ModelError(f"{file}: not a valid safetensors file ({exc})") from exc
+        except OSError as exc:
+            raise ModelError(f"{file}: cannot read ({exc})") from exc
+    return held
+
+
+def _spans(numbers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8" (the first few spans)."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    text = [f"{a}-{b}" if b > a else f"{a}" for a, b in spans[:4]]
+    return ", ".join(text) + (", ..." if len(spans) > 4 else "")
+
+
+def _check_count(path: Path, held: dict[str, HeldTensor], prefix: str, field: str, wanted: int, unit: str) -> None:
+    numbers = {k[len(prefix):].partition(".")[0] for k in held if k.startswith(prefix)}
+    found = sorted(int(n) for n in numbers if n.isdigit())
+    if found == list(range(wanted)):
+        return
+    if not found:
+        holds = f"no {unit} (no {prefix}* tensors)"
+    else:
+        holds = f"{len(found)} {unit if len(found) != 1 else unit[:-1]} ({prefix}{_spans(found)})"
+    raise ModelError(f"{path}: config.json says {field} {wanted} but the weights hold {holds}")
+
+
+def check_against_weights(path: Path, config: ModelConfig, held: dict[str, HeldTensor]) -> None:
+    """ModelError, with the numbers, where config.json disagrees with what the shards hold: checked before
+    the model is built, so a config claiming 10^5 layers fails in milliseconds instead of building them.
+    Only the sizes that shape the build are checked here; the strict load still checks every tensor."""
+    t, v = config.text, config.vision
+    _check_count(path, held, "model.layers.", "num_hidden_layers", t.num_hidden_layers, "layers")
+    _check_count(path, held, "visual.blocks.", "vision_config depth", v.depth, "blocks")
+    # (canonical key, axis, what config.json says, its value)
+    sizes = (
+        ("model.embed_tokens.weight", 0, "vocab_size", t.vocab_size),
+        ("model.embed_tokens.weight", 1, "hidden_size", t.hidden_size),
+        ("model.layers.0.mlp.gate_proj.weight", 0, "intermediate_size", t.intermediate_size),
+        ("model.layers.0.self_attn.k_proj.weight", 0, "num_key_value_heads * head_dim",
+         t.num_key_value_heads * t.head_dim),
+        ("visual.patch_embed.proj.weight", 0, "vision_config hidden_size", v.hidden_size),
+        ("visual.patch_embed.proj.weight", 1, "vision_config in_channels", v.in_channels),
+        ("visual.patch_embed.proj.weight", 2, "vision_config temporal_patch_size", v.temporal_patch_size),
+        ("visual.patch_embed.proj.weight", 3, "vision_config patch_size", v.patch_size),
+        ("visual.blocks.0.mlp.gate_proj.weight", 0, "vision_config intermediate_size", v.intermediate_size),
+        ("visual.merger.mlp.0.weight", 1, "vision_config hidden_size * spatial_merge_size**2",
+         v.hidden_size * v.merge_unit),
+        ("visual.merger.mlp.2.weight", 0, "vision_config out_hidden_size", v.out_hidden_size),
+    )
+    for key, axis, field, wanted in sizes:
+        tensor = held.get(key)
+        if tensor is None:
+            continue  # the strict load names every missing key
+        if len(tensor.shape) <= axis or tensor.shape[axis] != wanted:
+            raise ModelError(
+                f"{path}: config.json says {field} {wanted} but {tensor.file} holds {tensor.key} "
+                f"with shape {tensor.shape}"
+            )
 
 
 def cpu_has_native_bf16() -> bool:
@@ -209,9 +312,9 @@ def load_model(
                             drop_pages(tensor)  # cast or moved: the mapped file bytes are not needed again
                     seen.add(key)
         except SafetensorError as exc:
-            raise ModelError(f"{file}: not a valid safetensors file ({exc})") from None
+            raise ModelError(f"{file}: not a valid safetensors file ({exc})") from exc
         except (OSError, json.JSONDecodeError) as exc:
-            raise ModelError(f"{file}: cannot read ({exc})") from None
+            raise ModelError(f"{file}: cannot read ({exc})") from exc
     missing = sorted(set(expected) - seen)
     if missing or unexpected:
         parts = []
