@@ -11,7 +11,7 @@ import bisect
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -354,61 +354,86 @@ def _plan(probe: _Probe, name: str, options: VideoOptions, limit: int | None = N
     return _Plan(indices, start, end, count / fps_range, (new_w, new_h), tuple(notes))
 
 
-def probe_video(source: Path | bytes, name: str) -> VideoInfo:
-    """Duration, frame count, fps and upright size from the packets' timestamps (one demux pass, one
-    decoded frame). Every failure is an InputError starting with `name`."""
-    from qwenvl_cli.media import video_decode as decode  # not at the top: it imports this module's types
+class VideoFile:
+    """A video scanned once (one demux pass for the timestamps, one decoded frame for the geometry), then
+    sampled as often as needed (--segment: one range after another) without scanning it again. Every
+    failure is an InputError starting with `name`."""
 
-    with decode.reading(name):
-        return decode.scan(source, name).info
+    def __init__(self, source: Path | bytes, name: str) -> None:
+        from qwenvl_cli.media import video_decode as decode  # not at the top: it imports this module's types
+
+        self.source, self.name = source, name
+        with decode.reading(name):
+            self._probe = decode.scan(source, name)
+
+    @property
+    def info(self) -> VideoInfo:
+        return self._probe.info
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the scan found worth saying once (a header promising more than the frames hold, ...)."""
+        return tuple(self._probe.notes)
+
+    def sample(self, options: VideoOptions) -> SampledVideo:
+        """Plan by the reference's rules, decode only the chosen frames. A file that stops decoding part-way
+        is sampled again over what decoded, with a note saying how far it got. The scan's own notes are
+        `self.notes`, not repeated here."""
+        from qwenvl_cli.media import video_decode as decode
+
+        source, name, probe = self.source, self.name, self._probe
+        with decode.reading(name):
+            plan = _plan(probe, name, options)
+            targets = [probe.pts[i] for i in plan.indices]
+            decoded = decode.decode_frames(source, name, sorted(set(targets)), probe, plan.size)
+            notes = list(plan.notes)
+            if len(decoded.pts) < len(set(targets)):
+                if decoded.reached is None:
+                    raise InputError(f"{name}: no frame decodes ({probe.info.codec} stream)")
+                reached = bisect.bisect_right(probe.pts, decoded.reached) - 1
+                notes.append(
+                    f"{name}: decoding stopped at {format_time(probe.times[reached])} of "
+                    f"{format_time(probe.info.duration)}; sampled what decoded"
+                )
+                plan = _plan(probe, name, options, limit=reached)
+                targets = [probe.pts[i] for i in plan.indices]
+                decoded = decode.decode_frames(source, name, sorted(set(targets)), probe, plan.size)
+                if len(decoded.pts) < len(set(targets)):
+                    raise InputError(f"{name}: frames before {format_time(probe.times[reached])} did not decode again")
+            if decoded.corrupt:
+                first = next((p for p in decoded.corrupt if p is not None), None)
+                where = "" if first is None else f", the first at {format_time(probe.seconds(first))}"
+                notes.append(f"{name}: skipped {len(decoded.corrupt)} packet(s) that did not decode{where}")
+
+        unique = sorted(set(targets))  # targets ascend (choose_frames is monotone)
+        shown = dict(zip(unique, decoded.pts))  # a target whose packet was lost shows the next frame that decoded
+        frames = decoded.frames  # (n, H, W, 3) uint8, no copy unless nearest-in-time picked a frame twice
+        if len(unique) < len(targets):
+            frames = frames[[bisect.bisect_left(unique, p) for p in targets]]
+        sample_fps = len(targets) / plan.span
+        return SampledVideo(
+            frames=frames,
+            timestamps=tuple(probe.seconds(shown[p]) for p in targets),
+            start=plan.start,
+            end=plan.end,
+            sample_fps=sample_fps,
+            second_per_grid_t=FRAME_FACTOR / sample_fps,
+            info=probe.info,
+            resized_size=plan.size,
+            notes=tuple(notes),
+        )
+
+
+def probe_video(source: Path | bytes, name: str) -> VideoInfo:
+    """Duration, frame count, fps and upright size from the packets' timestamps."""
+    return VideoFile(source, name).info
 
 
 def sample_video(source: Path | bytes, name: str, options: VideoOptions) -> SampledVideo:
-    """Probe, plan by the reference's rules, decode only the chosen frames. A file that stops decoding
-    part-way is sampled again over what decoded, with a note saying how far it got."""
-    from qwenvl_cli.media import video_decode as decode  # not at the top: it imports this module's types
-
-    with decode.reading(name):
-        probe = decode.scan(source, name)
-        plan = _plan(probe, name, options)
-        targets = [probe.pts[i] for i in plan.indices]
-        decoded = decode.decode_frames(source, name, sorted(set(targets)), probe, plan.size)
-        notes = list(probe.notes) + list(plan.notes)
-        if len(decoded.pts) < len(set(targets)):
-            if decoded.reached is None:
-                raise InputError(f"{name}: no frame decodes ({probe.info.codec} stream)")
-            reached = bisect.bisect_right(probe.pts, decoded.reached) - 1
-            notes.append(
-                f"{name}: decoding stopped at {format_time(probe.times[reached])} of "
-                f"{format_time(probe.info.duration)}; sampled what decoded"
-            )
-            plan = _plan(probe, name, options, limit=reached)
-            targets = [probe.pts[i] for i in plan.indices]
-            decoded = decode.decode_frames(source, name, sorted(set(targets)), probe, plan.size)
-            if len(decoded.pts) < len(set(targets)):
-                raise InputError(f"{name}: frames before {format_time(probe.times[reached])} did not decode again")
-        if decoded.corrupt:
-            first = next((p for p in decoded.corrupt if p is not None), None)
-            where = "" if first is None else f", the first at {format_time(probe.seconds(first))}"
-            notes.append(f"{name}: skipped {len(decoded.corrupt)} packet(s) that did not decode{where}")
-
-    unique = sorted(set(targets))  # targets ascend (choose_frames is monotone)
-    shown = dict(zip(unique, decoded.pts))  # a target whose packet was lost shows the next frame that decoded
-    frames = decoded.frames  # (n, H, W, 3) uint8, no copy unless nearest-in-time picked a frame twice
-    if len(unique) < len(targets):
-        frames = frames[[bisect.bisect_left(unique, p) for p in targets]]
-    sample_fps = len(targets) / plan.span
-    return SampledVideo(
-        frames=frames,
-        timestamps=tuple(probe.seconds(shown[p]) for p in targets),
-        start=plan.start,
-        end=plan.end,
-        sample_fps=sample_fps,
-        second_per_grid_t=FRAME_FACTOR / sample_fps,
-        info=probe.info,
-        resized_size=plan.size,
-        notes=tuple(notes),
-    )
+    """The frames of `options`' range, as VideoFile.sample, with the scan's notes first."""
+    video = VideoFile(source, name)
+    sampled = video.sample(options)
+    return replace(sampled, notes=video.notes + sampled.notes)
 
 
 __all__ = [
@@ -419,6 +444,7 @@ __all__ = [
     "FRAME_FACTOR",
     "REFERENCE_TOTAL_PIXELS",
     "SampledVideo",
+    "VideoFile",
     "VIDEO_MAX_PIXELS",
     "VIDEO_MIN_PIXELS",
     "VideoInfo",

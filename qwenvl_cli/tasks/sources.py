@@ -9,7 +9,7 @@ A `Part` names which piece of an input an answer is about (page 3, segment 2): o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Union
 
 from PIL import Image
@@ -102,11 +102,15 @@ class Clip:
     name: str
     video: SampledVideo
     part: Part | None = None
-    offset: float = field(default=0.0)  # seconds of the source at which the model's time 0 lies (first frame)
 
     @property
     def label(self) -> str:
         return labelled(self.name, self.part)
+
+    @property
+    def offset(self) -> float:
+        """Seconds of the source at which the model's time 0 lies: its first frame's presentation time."""
+        return self.video.timestamps[0]
 
 
 @dataclass(frozen=True)
@@ -181,35 +185,41 @@ def segment_spans(start: float, end: float, length: float) -> list[tuple[float, 
 
 
 def _clips(item, source, options: SourceOptions, on_warning, feedback: Feedback) -> Iterator[Clip | Broken]:
+    """The whole video as one clip, or with --segment one clip per span, the file scanned once."""
     from dataclasses import replace
 
-    from qwenvl_cli.media.video import VideoOptions, probe_video, sample_video
+    from qwenvl_cli.media.video import VideoFile, VideoOptions, format_time
 
     video_options = options.video or VideoOptions()
+    video = VideoFile(source, item.name)
+    for note in video.notes:  # each already names the file
+        on_warning(note)
     if options.segment is None:
-        sampled = sample_video(source, item.name, video_options)
-        for note in sampled.notes:  # each already names the file
+        sampled = video.sample(video_options)
+        for note in sampled.notes:
             on_warning(note)
-        yield Clip(item.name, sampled, None, offset=sampled.timestamps[0])
+        yield Clip(item.name, sampled)
         return
-    info = probe_video(source, item.name)
+    duration = video.info.duration
     start = video_options.start or 0.0
-    end = min(video_options.end if video_options.end is not None else info.duration, info.duration)
+    end = min(video_options.end if video_options.end is not None else duration, duration)
     if start >= end:
-        raise InputError(f"{item.name}: --start {start:g}s is at or past the end of the video ({info.duration:g}s)")
+        raise InputError(
+            f"{item.name}: --start {format_time(start)} is past the end of the video (duration {format_time(duration)})"
+        )
     spans = segment_spans(start, end, options.segment)
     feedback.pages_started(item.name, len(spans), unit="segments")
     for number, (a, b) in enumerate(spans, 1):
         part = Part("segment", number, (a, b))
         try:
-            sampled = sample_video(source, item.name, replace(video_options, start=a, end=b))
+            sampled = video.sample(replace(video_options, start=a, end=b))
         except InputError as exc:
             yield Broken(item.name, part, _named(str(exc), item.name, part))
             feedback.page_done()
             continue
         for note in sampled.notes:
             on_warning(_named(note, item.name, part))
-        yield Clip(item.name, sampled, part, offset=sampled.timestamps[0])
+        yield Clip(item.name, sampled, part)
         feedback.page_done()
 
 
