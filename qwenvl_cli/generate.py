@@ -80,6 +80,16 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
+def penalize_seen(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """apply_repetition_penalty touching only the ids seen so far, in place: seen_ids # (n,) long, unique.
+    The mask form reads and writes the whole vocabulary twice a step (~0.6 ms of a 16-ms CPU step)."""
+    if penalty == 1.0 or seen_ids.numel() == 0:
+        return logits
+    values = logits[:, seen_ids]  # (B, n)
+    logits[:, seen_ids] = torch.where(values < 0, values * penalty, values / penalty)
+    return logits
+
+
 def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, then top-p, in transformers' order. # (B, V)"""
     if params.temperature != 1.0:
@@ -97,9 +107,8 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def choose(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> torch.Tensor:
-    """Next token ids # (B,) on the logits' device, without a host sync."""
-    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+def choose(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> torch.Tensor:
+    """Next token ids # (B,) on the logits' device (repetition penalty already applied), without a host sync."""
     if params.greedy:
         return logits.argmax(-1)
     probs = warp(logits, params).softmax(-1)
@@ -191,7 +200,10 @@ class Generator:
         # Every decode position is known up front: text after the prompt, index + rope_delta on all axes.
         decode_pos = torch.arange(prompt.length, prompt.length + n_new, device=device) + prompt.rope_delta
         cos_all, sin_all = m.decode_tables(decode_pos)  # (1, n_new, hd)
-        seen = _seen_mask(prompt, m.config.text.vocab_size, device)
+        # The ids seen so far (prompt included), for the repetition penalty: a set on the host, a tensor of
+        # the same ids on the device (the oracle below uses the vocabulary-wide mask instead).
+        seen = set(prompt.input_ids[0].tolist())
+        seen_ids = torch.tensor(sorted(seen), dtype=torch.long, device=device)
         rng = _rng(params, device)
         eos = _stop_ids(params, constraint)
         if constraint is not None:
@@ -202,7 +214,8 @@ class Generator:
             if constraint is not None:
                 # The mask is computed on the host while the decode step queued last iteration runs.
                 logits = apply_constraint(logits, constraint)
-            token = choose(logits, seen, params, rng)  # (1,)
+            logits = penalize_seen(logits, seen_ids, params.repetition_penalty)
+            token = choose(logits, params, rng)  # (1,)
             token_id = int(token.item())  # the one host sync per token: the caller streams it
             if constraint is not None:
                 constraint.advance(token_id)
@@ -213,7 +226,9 @@ class Generator:
                 yield Step(token_id, "length")
                 return
             yield Step(token_id)
-            seen[0, token] = True
+            if token_id not in seen:
+                seen.add(token_id)
+                seen_ids = torch.cat([seen_ids, token])
             index = prompt.length + i
             logits = self.decode_step(token[:, None], index, cos_all[:, i : i + 1], sin_all[:, i : i + 1], cache)
 
@@ -237,7 +252,8 @@ def reference_generate(
         logits = model(current)[:, -1]
         if constraint is not None:
             logits = apply_constraint(logits, constraint)
-        token = choose(logits, seen, params, rng)
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+        token = choose(logits, params, rng)
         token_id = int(token.item())
         if constraint is not None:
             constraint.advance(token_id)

@@ -349,8 +349,7 @@ def test_the_smallest_temperature_still_samples_large_logits():
     logits = torch.zeros(1, 1000)
     logits[0, 7], logits[0, 3] = 1e4, -1e4  # far beyond any real checkpoint's logits
     params = SamplingParams(do_sample=True, temperature=1e-30, seed=0)
-    seen = torch.zeros(1, 1000, dtype=torch.bool)
-    assert choose(logits, seen, params, torch.Generator().manual_seed(0)).item() == 7
+    assert choose(logits, params, torch.Generator().manual_seed(0)).item() == 7
     with pytest.raises(RuntimeError):  # what the refusal prevents: inf / NaN probabilities
         torch.multinomial((logits / 1e-40).softmax(-1), 1)
 

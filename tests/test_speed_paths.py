@@ -193,3 +193,30 @@ def test_float16_on_cpu_stays_plain_linear(ckpt):
     assert type(half.lm_head) is nn.Linear and half.lm_head.weight.dtype == torch.float16
     with torch.inference_mode():
         assert half(half.make_prompt(PROMPTS[0][:6])).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("keys", [1, 7, 300])
+def test_decode_attention_equals_sdpa(dtype, tol, keys):
+    from qwenvl_cli.model.text import decode_attention
+
+    g = torch.Generator().manual_seed(keys)
+    q = torch.randn(2, 8, 1, 16, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, keys, 16, generator=g).to(dtype) for _ in range(2))
+    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+    torch.testing.assert_close(decode_attention(q, k, v).float(), expected, atol=tol, rtol=0)
+
+
+def test_repetition_penalty_on_the_seen_ids_equals_the_mask_rule():
+    from qwenvl_cli.generate import apply_repetition_penalty, penalize_seen
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 1000, generator=g) * 5
+    logits[0, 3] = float("-inf")  # a constrained-out id stays out
+    ids = torch.tensor([0, 3, 17, 500, 999])
+    seen = torch.zeros(1, 1000, dtype=torch.bool)
+    seen[0, ids] = True
+    for penalty in (1.0, 1.05, 1.3, 0.8):
+        expected = apply_repetition_penalty(logits.clone(), seen, penalty)
+        assert torch.equal(penalize_seen(logits.clone(), ids, penalty), expected)
+    assert torch.equal(penalize_seen(logits.clone(), torch.tensor([], dtype=torch.long), 1.3), logits)
