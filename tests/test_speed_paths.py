@@ -87,8 +87,11 @@ def plain(ckpt):
 def test_cpu_load_packs_the_decoder_and_keeps_transformers_parity(ckpt, plain, make_ckpt):
     packed = load_model(ckpt, "cpu", torch.float32)
     assert isinstance(packed.lm_head, PackedLinear)
-    assert isinstance(packed.model.layers[0].self_attn.q_proj, PackedLinear)
+    layer = packed.model.layers[0]
+    assert isinstance(layer.self_attn.qkv, PackedLinear) and isinstance(layer.mlp.gate_up, PackedLinear)
+    assert not hasattr(layer.self_attn, "q_proj") and not hasattr(layer.mlp, "up_proj")  # fused, not kept twice
     assert isinstance(packed.visual.blocks[0].attn.qkv, nn.Linear)  # the vision tower stays as it is
+    assert packed.visual.blocks[0].mlp.gate_up is None
     assert isinstance(plain.lm_head, nn.Linear)
     ref = reference_model(make_ckpt())
     for ids in PROMPTS[:2]:
@@ -115,7 +118,8 @@ def test_int8_model_holds_int8_weights_and_tracks_the_float_model(ckpt, plain):
     the positions and a max logit error under 3% of the logits' range (measured: 96% and 1.0%)."""
     q8 = load_model(ckpt, "cpu", torch.float32, quantize="int8")
     linears = [m for name, m in q8.named_modules() if name.startswith("model.layers.") and isinstance(m, Int8Linear)]
-    assert len(linears) == 7 * q8.config.text.num_hidden_layers and isinstance(q8.lm_head, Int8Linear)
+    # Seven checkpoint matrices a layer, as four after fusing (qkv, o_proj, gate_up, down_proj).
+    assert len(linears) == 4 * q8.config.text.num_hidden_layers and isinstance(q8.lm_head, Int8Linear)
     assert q8.lm_head.weight.dtype == torch.int8 and not any(p.is_meta for p in q8.parameters())
     assert isinstance(q8.visual.blocks[0].attn.qkv, nn.Linear) and q8.model.embed_tokens.weight.dtype == torch.float32
     agree = total = 0
@@ -220,3 +224,18 @@ def test_repetition_penalty_on_the_seen_ids_equals_the_mask_rule():
         expected = apply_repetition_penalty(logits.clone(), seen, penalty)
         assert torch.equal(penalize_seen(logits.clone(), ids, penalty), expected)
     assert torch.equal(penalize_seen(logits.clone(), torch.tensor([], dtype=torch.long), 1.3), logits)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_fused_projections_equal_the_checkpoint_matrices(ckpt, quantize):
+    from qwenvl_cli.model.quant import fuse_projections
+
+    separate = load_model(ckpt, "cpu", torch.float32, quantize=quantize, pack=False)
+    fused = load_model(ckpt, "cpu", torch.float32, quantize=quantize, pack=False)
+    fuse_projections(fused)
+    x = torch.randn(1, 5, separate.config.text.hidden_size, generator=torch.Generator().manual_seed(3))
+    a, b = separate.model.layers[1], fused.model.layers[1]
+    with torch.inference_mode():
+        for got, want in zip(b.self_attn.project(x), a.self_attn.project(x)):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(b.mlp(x), a.mlp(x), atol=1e-5, rtol=0)

@@ -25,6 +25,7 @@ from qwenvl_cli.model.quant import (
     QUANTIZATIONS,
     Int8Linear,
     decoder_linear_names,
+    fuse_projections,
     one_thread,
     pack_linears,
     replace_module,
@@ -263,8 +264,9 @@ def load_model(
     pack: bool | None = None,
 ) -> Qwen2_5_VL:
     """`quantize="int8"`: weight-only int8 for the decoder's linears and an untied LM head, quantized tensor
-    by tensor as read (everything else in `dtype`). `pack` (default: on CPU) repacks the remaining decoder
-    float linears for oneDNN; pack=False keeps plain nn.Linear (the slow oracle)."""
+    by tensor as read (everything else in `dtype`). `pack` (default: on CPU) fuses each text layer's q/k/v
+    and gate/up matrices and repacks the decoder's float linears for oneDNN; pack=False keeps the
+    checkpoint's plain nn.Linear modules (the slow oracle)."""
     from safetensors import SafetensorError, safe_open
 
     if quantize is not None and quantize not in QUANTIZATIONS:
@@ -328,7 +330,9 @@ def load_model(
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     if pack if pack is not None else device.type == "cpu":
-        pack_linears(model, fast_linears, on_packed=drop_pages)
+        fuse_projections(model, on_fused=drop_pages)
+        fast = [name for name in decoder_linear_names(model) if not (tied and name == "lm_head")]
+        pack_linears(model, fast, on_packed=drop_pages)
     return model.eval().requires_grad_(False)
 
 

@@ -63,6 +63,15 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv * self.head_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        # After loading, model/quant.fuse_projections may replace q/k/v by one matrix (one call per step).
+        self.qkv: nn.Module | None = None
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v # (B, L, heads * hd) each, from the three checkpoint matrices or their fused copy."""
+        if self.qkv is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv = self.num_kv * self.head_dim
+        return self.qkv(x).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
 
     def forward(
         self,
@@ -74,9 +83,10 @@ class Attention(nn.Module):
         start: int,
     ) -> torch.Tensor:
         b, length, _ = x.shape
-        q = self.q_proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, length, self.num_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, length, self.num_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = q.reshape(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(b, length, self.num_kv, self.head_dim).transpose(1, 2)
+        v = v.reshape(b, length, self.num_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             end = start + length
