@@ -251,3 +251,21 @@ def reference_processor(path: Path):
     return ImageTextProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(path),
                               tokenizer=AutoTokenizer.from_pretrained(path),
                               chat_template=processor_dict.get("chat_template"))
+
+
+def assert_same_as_reference(engine, ref, prompt, inputs: dict, new_tokens: int = 32) -> None:
+    """Our float32 logits within 1e-4 of transformers' on the same inputs, and `new_tokens` greedy tokens
+    identical (repetition penalty off on both sides; transformers applies its config's otherwise)."""
+    from qwenvl_cli.generate import SamplingParams
+
+    with torch.inference_mode():
+        ref_logits = ref(**inputs).logits
+        ours = engine.model(prompt)
+    assert ours.shape == ref_logits.shape
+    torch.testing.assert_close(ours, ref_logits, atol=1e-4, rtol=0)
+    params = SamplingParams(max_new_tokens=new_tokens, repetition_penalty=1.0)
+    tokens = [s.token_id for s in engine.generator.stream(prompt, params)]
+    with torch.inference_mode():
+        ref_out = ref.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                               repetition_penalty=1.0, top_k=None, top_p=None, temperature=None)
+    assert tokens == ref_out[0, prompt.length:].tolist()

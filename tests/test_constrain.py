@@ -17,7 +17,7 @@ import torch
 from qwenvl_cli.constrain import ConstraintViolation, JsonConstraint
 from qwenvl_cli.engine import Engine
 from qwenvl_cli.errors import UsageError
-from qwenvl_cli.generate import SamplingParams, Step, reference_generate
+from qwenvl_cli.generate import SamplingParams, reference_generate
 
 IM_END = 151645
 TOKENIZER_VOCAB = 151665

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from checkpoints import reference_model, reference_processor
+from checkpoints import assert_same_as_reference, reference_model, reference_processor
 from qwenvl_cli.engine import Engine
 from qwenvl_cli.generate import Generator, SamplingParams, reference_generate
 from qwenvl_cli.media.image import preprocess_image
@@ -76,18 +76,7 @@ def test_prefill_logits_and_greedy_tokens_match_transformers(setup, case):
         if case == "grid not a multiple of the window":
             assert grid_sides != {0}
 
-    with torch.inference_mode():
-        ref_logits = ref(**inputs).logits
-        ours = engine.model(prompt)
-    assert ours.shape == ref_logits.shape
-    torch.testing.assert_close(ours, ref_logits, atol=1e-4, rtol=0)
-
-    params = SamplingParams(max_new_tokens=NEW_TOKENS, repetition_penalty=1.0)
-    tokens = [s.token_id for s in engine.generator.stream(prompt, params)]
-    with torch.inference_mode():
-        ref_out = ref.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                               repetition_penalty=1.0, top_k=None, top_p=None, temperature=None)
-    assert tokens == ref_out[0, prompt.length:].tolist()
+    assert_same_as_reference(engine, ref, prompt, inputs, NEW_TOKENS)
 
 
 def test_positions_and_rope_delta_match_transformers(setup):

@@ -17,6 +17,23 @@ from qwenvl_cli.model.rope import (
 )
 
 
+def reference_rope_index():
+    """transformers' Qwen2_5_VLModel and a stand-in `self` for calling its get_rope_index unbound (it only
+    reads the config), with the checkpoints' tokens_per_second 2 (the class default, 4, is not theirs)."""
+    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=151936,
+                         rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e6}),
+        vision_config=dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16, out_hidden_size=16,
+                           tokens_per_second=2),
+    )
+    stub = type("Stub", (), {"config": cfg, "get_vision_position_ids": Qwen2_5_VLModel.get_vision_position_ids})()
+    return Qwen2_5_VLModel, stub
+
+
 def test_text_only_positions_are_arange():
     pos, delta = rope_index([0] * 5, [], merge=2, tokens_per_second=2)
     assert pos.tolist() == [list(range(5))] * 3
@@ -53,18 +70,7 @@ def test_fractional_seconds_per_grid_are_floored_after_multiplying():
 
 
 def test_rope_index_matches_transformers_for_images_and_short_video():
-    from transformers import Qwen2_5_VLConfig
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
-
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=151936,
-                         rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e6}),
-        vision_config=dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16, out_hidden_size=16,
-                           tokens_per_second=2),  # the class default (4) is not what the checkpoints use
-    )
-    # get_rope_index only reads the config: call it unbound on a stand-in.
-    stub = type("Stub", (), {"config": cfg, "get_vision_position_ids": Qwen2_5_VLModel.get_vision_position_ids})()
+    Qwen2_5_VLModel, stub = reference_rope_index()
     grids_img = [(1, 6, 8), (1, 4, 4)]
     grid_vid = (2, 4, 6)  # short: temporal positions stay below the spatial extent
     types = [0] * 4 + [1] * 12 + [0] * 3 + [2] * 12 + [0] * 2 + [1] * 4 + [0] * 5
@@ -130,17 +136,7 @@ def test_mrope_sections_take_t_h_w_axes():
 
 
 def test_video_time_positions_round_like_transformers_float32():
-    from transformers import Qwen2_5_VLConfig
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
-
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=151936,
-                         rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e6}),
-        vision_config=dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16, out_hidden_size=16,
-                           tokens_per_second=2),
-    )
-    stub = type("Stub", (), {"config": cfg, "get_vision_position_ids": Qwen2_5_VLModel.get_vision_position_ids})()
+    Qwen2_5_VLModel, stub = reference_rope_index()
     spg = 2 / 1.3  # --fps 1.3: a 60 s clip at 30 fps samples 78 frames, sample_fps exactly 1.3
     grid = (60, 2, 2)
     types = [0] * 3 + [2] * 60

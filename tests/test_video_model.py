@@ -19,10 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from checkpoints import reference_model, reference_processor
+from checkpoints import assert_same_as_reference, reference_model, reference_processor
 from qwenvl_cli.engine import Engine
 from qwenvl_cli.errors import PromptError
-from qwenvl_cli.generate import SamplingParams
 from qwenvl_cli.media.frames import ProcessedVideo, preprocess_frames
 from qwenvl_cli.media.image import preprocess_image
 from qwenvl_cli.model.loader import load_model, open_checkpoint
@@ -140,17 +139,7 @@ def test_video_prompt_logits_positions_and_greedy_tokens_match_transformers(setu
     assert torch.equal(prompt.positions, positions)
     assert prompt.rope_delta == delta.item()
 
-    with torch.inference_mode():
-        ref_logits = ref(**inputs).logits
-        ours = engine.model(prompt)
-    torch.testing.assert_close(ours, ref_logits, atol=1e-4, rtol=0)
-
-    params = SamplingParams(max_new_tokens=NEW_TOKENS, repetition_penalty=1.0)
-    tokens = [s.token_id for s in engine.generator.stream(prompt, params)]
-    with torch.inference_mode():
-        ref_out = ref.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                               repetition_penalty=1.0, top_k=None, top_p=None, temperature=None)
-    assert tokens == ref_out[0, prompt.length:].tolist()
+    assert_same_as_reference(engine, ref, prompt, inputs, NEW_TOKENS)
 
 
 def test_long_video_text_resumes_after_the_last_temporal_position_unlike_transformers(setup):
