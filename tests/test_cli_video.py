@@ -239,3 +239,11 @@ def test_subtitles_of_segments_form_one_file(model_dir, clip, canned, tmp_path):
     text = (tmp_path / "clip.mp4.vtt").read_text()
     assert text.count("WEBVTT") == 1 and text.count(" --> ") == 3
     assert text.split("\n\n")[3] == "00:00:04.500 --> 00:00:05.000\nstep\n"
+
+
+def test_video_refuses_an_image_alone_and_answers_the_rest(model_dir, clip):
+    r = run("video", SHAPES, str(clip), "--model", model_dir, "--json", "--max-new-tokens", "1", *SMALL)
+    assert r.exit_code == 1
+    image, video = json_lines(r.stdout)
+    assert "error" in image and "frames" in video
+    assert r.stderr.splitlines() == [f"qwenvl: {SHAPES}: an image or PDF, not a video (qwenvl describe, ground and extract read those)"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from qwenvl_cli.engine import Answer
-from qwenvl_cli.errors import AnswerError, UsageError
+from qwenvl_cli.errors import AnswerError, InputError, UsageError
 from qwenvl_cli.tasks.base import Rendered, Task, json_answer
 from qwenvl_cli.tasks.ground import draw_path
 from qwenvl_cli.tasks.runner import Job, Outcome, Seen
@@ -155,8 +155,8 @@ class VideoTask(Task):
     def plan(self, seen: Sequence[Seen]) -> Job:
         [one] = seen
         clip = one.source
-        if not isinstance(clip, Clip):
-            raise UsageError(f"{clip.label}: not a video (use qwenvl describe, ground or extract for images and PDFs)")
+        if not isinstance(clip, Clip):  # an error of that input: the batch's videos still answer
+            raise InputError(f"{clip.label}: an image or PDF, not a video (qwenvl describe, ground and extract read those)")
         from qwenvl_cli.constrain import JsonConstraint
 
         tokenizer = self.engine.tokenizer
@@ -182,7 +182,8 @@ class VideoTask(Task):
             events = timeline.events
             fields = {"query": self.query.strip()} if self.mode == "find" else {}
             fields["events"] = [{"start": e.start, "end": e.end, "label": e.label} for e in events]
-            text, suffix = self._text(events, outcome.names[0]), {"json": ".json", "srt": ".srt", "vtt": ".vtt"}.get(self.fmt)
+            text = self._text(events, fields["events"], outcome.names[0])
+            suffix = {"json": ".json", "srt": ".srt", "vtt": ".vtt"}.get(self.fmt)
             if timeline.truncated:
                 notes = (f"{outcome.label}: the answer hit --max-new-tokens; showing the complete events",)
         if self.sheet is not None:
@@ -190,7 +191,8 @@ class VideoTask(Task):
             fields["sheet"] = str(path)
         return Rendered(fields, text, suffix, notes=notes)
 
-    def _text(self, events: Sequence[Event], name: str) -> str:
+    def _text(self, events: Sequence[Event], records: list[dict], name: str) -> str:
+        """The text form of one answer's events (`records`: their JSON form) for --format."""
         from qwenvl_cli.subtitles import cue_count, to_srt, to_vtt
 
         if self.joins_parts:
@@ -203,7 +205,7 @@ class VideoTask(Task):
             self.headed.add(name)
             return "\n" + text if before and text else text
         if self.fmt == "json":
-            return json.dumps([{"start": e.start, "end": e.end, "label": e.label} for e in events], ensure_ascii=False, indent=2)
+            return json.dumps(records, ensure_ascii=False, indent=2)
         return timeline_text(events)
 
     def _sheet(self, clip: Clip, outcome: Outcome, events: Sequence[Event]) -> Path:
