@@ -105,12 +105,37 @@ def test_cpu_load_packs_the_decoder_and_keeps_transformers_parity(ckpt, plain, m
             reference_generate(plain, plain.make_prompt(ids), params)
 
 
-def test_tied_checkpoint_keeps_a_float_lm_head_shared_with_the_embedding(make_ckpt):
+def test_tied_checkpoint_shares_one_table_between_the_lm_head_and_the_embedding(make_ckpt):
+    """Float: the head is the embedding's nn.Parameter. int8: one int8 table, the embeddings dequantized from
+    its rows; greedy top-1 agrees with float32 at >= 90% of the positions and the logit error stays under 3%
+    of their range (measured: 94% and 0.9%)."""
+    from qwenvl_cli.model.quant import Int8Embedding
+
     ckpt = open_checkpoint(make_ckpt(tied=True, dtype="bfloat16", shards=3))
-    for quantize in (None, "int8"):
-        model = load_model(ckpt, "cpu", torch.float32, quantize=quantize)
-        assert model.lm_head.weight is model.model.embed_tokens.weight
-        assert isinstance(model.model.layers[1].mlp.down_proj, Int8Linear if quantize else PackedLinear)
+    full = load_model(ckpt, "cpu", torch.float32)
+    assert full.lm_head.weight is full.model.embed_tokens.weight
+    assert isinstance(full.model.layers[1].mlp.down_proj, PackedLinear)
+    q8 = load_model(ckpt, "cpu", torch.float32, quantize="int8")
+    assert isinstance(q8.lm_head, Int8Linear) and isinstance(q8.model.embed_tokens, Int8Embedding)
+    assert q8.model.embed_tokens.weight is q8.lm_head.weight and q8.lm_head.weight.dtype == torch.int8
+    assert q8.dtype == torch.float32 and isinstance(q8.model.layers[1].mlp.down_proj, Int8Linear)
+    ids = torch.tensor([[3, 500, 151644, 17]])
+    with torch.inference_mode():
+        rows = q8.model.embed_tokens(ids)
+        expected = q8.lm_head.dequantize(torch.float32)[ids]
+    assert torch.equal(rows, expected)
+    agree = total = 0
+    for prompt_ids in PROMPTS:
+        with torch.inference_mode():
+            a = full(full.make_prompt(prompt_ids))[0]
+            b = q8(q8.make_prompt(prompt_ids))[0]
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += len(prompt_ids)
+        assert (b - a).abs().max() < 0.03 * (a.max() - a.min())
+    assert agree >= 0.9 * total
+    params = SamplingParams(max_new_tokens=6)
+    prompt = q8.make_prompt(PROMPTS[0])
+    assert list(Generator(q8).stream(prompt, params)) == reference_generate(q8, prompt, params)
 
 
 def test_int8_model_holds_int8_weights_and_tracks_the_float_model(ckpt, plain):

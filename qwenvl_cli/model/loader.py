@@ -23,6 +23,7 @@ from qwenvl_cli.config import GenerationConfig, ModelConfig, PreprocessorConfig,
 from qwenvl_cli.errors import ModelError
 from qwenvl_cli.model.quant import (
     QUANTIZATIONS,
+    Int8Embedding,
     Int8Linear,
     decoder_linear_names,
     fuse_projections,
@@ -278,7 +279,7 @@ def load_model(
     expected = {name: p.shape for name, p in model.named_parameters()}
     if tied:
         expected.pop("lm_head.weight")
-    # A tied LM head is also the embedding table, which must stay float: it keeps the model's dtype.
+    # A tied LM head is also the embedding table: quantized (with it) after loading, packed never.
     fast_linears = [name for name in decoder_linear_names(model) if not (tied and name == "lm_head")]
     quantized: set[str] = set()
     if quantize:
@@ -327,7 +328,15 @@ def load_model(
                 f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
             )
         raise ModelError(f"{ckpt.path}: checkpoint does not match config.json: {'; '.join(parts)}")
-    if tied:
+    if tied and quantize:
+        # The head is the embedding table: quantize it once and read the embeddings from the int8 rows.
+        table = model.model.embed_tokens.weight
+        with one_thread():
+            head = Int8Linear.from_float(table, None, dtype)
+        model.lm_head = head
+        model.model.embed_tokens = Int8Embedding(head, dtype)
+        drop_pages(table)
+    elif tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     if pack if pack is not None else device.type == "cpu":
         fuse_projections(model, on_fused=drop_pages)

@@ -1,5 +1,6 @@
 """Fast linear layers for CPU decoding, each beside its slow oracle (`reference`): float weights in
-oneDNN's blocked layout (`PackedLinear`) and int8 weight-only quantization (`Int8Linear`).
+oneDNN's blocked layout (`PackedLinear`), int8 weight-only quantization (`Int8Linear`, and `Int8Embedding`
+for a tied head's table), and q/k/v, gate/up fused into one matrix each (`fuse_projections`).
 
 A one-token decode step is a matrix-vector product per linear, bound by the weight bytes it reads.
 Measured on 2 Zen 4 cores (benchmarks/bench_gemv.py): plain `F.linear` (MKL) reads the LM head
@@ -116,6 +117,21 @@ class Int8Linear(nn.Module):
         """The oracle: dequantize to float32, plain matmul in float32."""
         bias = None if self.bias is None else self.bias.float()
         return F.linear(x.float(), self.dequantize(torch.float32), bias).to(x.dtype)
+
+
+class Int8Embedding(nn.Module):
+    """Token embeddings read from a tied LM head's int8 table (the 3B ties them): one int8 copy serves
+    both, each looked-up row dequantized with its own scale, exactly as the head's matmul sees it."""
+
+    def __init__(self, head: Int8Linear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = head.weight  # (V, D) int8, the same Parameter as the head's
+        self.scales = head.scales  # (V,) bfloat16
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...,) long -> (..., D)
+        rows = self.weight[ids].to(torch.float32) * self.scales[ids].to(torch.float32)[..., None]
+        return rows.to(self.dtype)
 
 
 def concat_linears(parts: list[nn.Module]) -> nn.Module:

@@ -127,11 +127,12 @@ class Qwen2_5_VL(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        """The activations' dtype (the final norm's: embeddings may be an int8 table under --quantize)."""
+        return self.model.norm.weight.dtype
 
     # ------------------------------------------------------------------ prompt preparation (host side)
 
