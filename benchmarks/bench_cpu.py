@@ -23,19 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from prompts import grid_tensor, image_prompt  # noqa: E402
 from checkpoints import make_checkpoint, reference_model  # noqa: E402
 
-from qwenvl_cli.config import PreprocessorConfig  # noqa: E402
 from qwenvl_cli.generate import Generator, SamplingParams  # noqa: E402
-from qwenvl_cli.media.image import preprocess_image  # noqa: E402
 from qwenvl_cli.model.loader import load_model, open_checkpoint  # noqa: E402
-from qwenvl_cli.model.qwen2_5_vl import VisionInput  # noqa: E402
 from qwenvl_cli.model.quant import decoder_linear_names  # noqa: E402
 
 PRESETS = {
@@ -103,12 +99,9 @@ def main() -> None:
 def run(ckpt_dir: Path, args) -> None:
     ckpt = open_checkpoint(ckpt_dir)
     width, height = map(int, args.image.split("x"))
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8))
-    processed = preprocess_image(image, PreprocessorConfig())
-    vis = VisionInput(processed.pixel_values, (processed.grid_thw,))
-    n_vis = processed.pixel_values.shape[0] // 4
-    ids = [151644, 8948, 198, 151652] + [151655] * n_vis + [151653, 74785, 419, 2168, 13, 151645, 198, 151644, 77091, 198]
-    pv, thw = processed.pixel_values, torch.tensor([processed.grid_thw])
+    processed, vis, ids = image_prompt(width, height)
+    n_vis = ids.count(151655)  # image pads
+    pv, thw = processed.pixel_values, grid_tensor(processed)
     input_ids = torch.tensor([ids])
     n = args.new_tokens
 

@@ -19,19 +19,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from prompts import grid_tensor, image_prompt  # noqa: E402
 from checkpoints import TEXT, VISION, _config  # noqa: E402
 
-from qwenvl_cli.config import ModelConfig, PreprocessorConfig  # noqa: E402
+from qwenvl_cli.config import ModelConfig  # noqa: E402
 from qwenvl_cli.generate import Generator, SamplingParams  # noqa: E402
-from qwenvl_cli.media.image import preprocess_image  # noqa: E402
 from qwenvl_cli.model.loader import _assign, _meta_build, canonical_key  # noqa: E402
-from qwenvl_cli.model.qwen2_5_vl import Qwen2_5_VL, VisionInput  # noqa: E402
+from qwenvl_cli.model.qwen2_5_vl import Qwen2_5_VL  # noqa: E402
 
 PRESETS = {
     "3b": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
@@ -97,12 +95,9 @@ def main() -> None:
     built = time.perf_counter() - t
 
     width, height = map(int, args.image.split("x"))
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8))
-    processed = preprocess_image(image, PreprocessorConfig())
-    vis = VisionInput(processed.pixel_values, (processed.grid_thw,))
-    n_vis = processed.pixel_values.shape[0] // 4
-    ids = [151644, 8948, 198, 151652] + [151655] * n_vis + [151653, 74785, 419, 2168, 13, 151645, 198, 151644, 77091, 198]
-    pv, thw = processed.pixel_values.to(device), torch.tensor([processed.grid_thw], device=device)
+    processed, vis, ids = image_prompt(width, height)
+    n_vis = ids.count(151655)  # image pads
+    pv, thw = processed.pixel_values.to(device), grid_tensor(processed, device)
     input_ids = torch.tensor([ids], device=device)
     n = args.new_tokens
 
