@@ -64,7 +64,7 @@ def _read_pipe(path: Path, name: str) -> bytes:
             raise InputError(f"{name}: not a regular file, and nothing was written to it in {PIPE_WAIT_SECONDS:g} s")
         os.set_blocking(fd, True)
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as stream:
-            data = _read_bounded(stream)
+            data = read_bounded(stream)
         if data is None:
             raise InputError(f"{name}: more than {MAX_PIPE_BYTES >> 20} MiB from a pipe")
         return data
@@ -74,12 +74,12 @@ def _read_pipe(path: Path, name: str) -> bytes:
         os.close(fd)
 
 
-def _read_bounded(stream: BinaryIO, limit: int | None = None) -> bytes | None:
+def read_bounded(stream: BinaryIO, limit: int | None = None) -> bytes | None:
     """All of `stream`, or None as soon as it holds more than `limit` bytes (default MAX_PIPE_BYTES):
     `qwenvl describe - < /dev/zero` is refused after reading the limit, not after filling memory."""
     limit = MAX_PIPE_BYTES if limit is None else limit
     chunks, total = [], 0
-    while chunk := stream.read(1 << 20):
+    while chunk := stream.read(min(1 << 20, limit + 1 - total)):
         chunks.append(chunk)
         total += len(chunk)
         if total > limit:
@@ -146,7 +146,7 @@ def _from_directory(arg: str, recursive: bool, suffixes: set[str]) -> list[Input
 def _from_stdin(stdin: BinaryIO | None) -> list[InputItem]:
     if stdin is None:
         return [InputItem("-", error="-: standard input is closed")]
-    data = _read_bounded(stdin)
+    data = read_bounded(stdin)
     if data is None:
         return [InputItem("-", error=f"-: more than {MAX_PIPE_BYTES >> 20} MiB on standard input; pass the file by name")]
     if not data:

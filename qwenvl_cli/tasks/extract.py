@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from qwenvl_cli.constrain import SCHEMA_MAX_DEPTH, bound_schema, check_depth
 from qwenvl_cli.engine import Answer
 from qwenvl_cli.errors import AnswerError, UsageError
-from qwenvl_cli.inputs import PIPE_WAIT_SECONDS
+from qwenvl_cli.inputs import PIPE_WAIT_SECONDS, read_bounded
 from qwenvl_cli.jsonfix import LenientJSONError, parse_lenient
 from qwenvl_cli.tables import Table, tables_from_html
 from qwenvl_cli.tasks.base import Rendered, Task
@@ -108,7 +108,7 @@ def load_schema(path: str) -> dict:
 
 def _read_schema(path: str) -> str:
     """At most SCHEMA_MAX_BYTES of the file; a FIFO or device waits at most PIPE_WAIT_SECONDS for data,
-    as inputs do (inputs._read_pipe, whose 1 GiB bound is for images)."""
+    as inputs do (inputs._read_pipe, whose 1 GiB bound is for images), through the same bounded reader."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # non-blocking: opening a FIFO waits for no writer
     except FileNotFoundError as exc:
@@ -127,14 +127,12 @@ def _read_schema(path: str) -> str:
             raise UsageError(f"--schema {path}: not a regular file, and nothing was written to it in "
                              f"{PIPE_WAIT_SECONDS:g} s")
         os.set_blocking(fd, True)
-        chunks, total = [], 0
-        while total <= SCHEMA_MAX_BYTES and (chunk := os.read(fd, SCHEMA_MAX_BYTES + 1 - total)):
-            chunks.append(chunk)
-            total += len(chunk)
-        if total > SCHEMA_MAX_BYTES:
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as stream:
+            data = read_bounded(stream, SCHEMA_MAX_BYTES)
+        if data is None:
             raise UsageError(f"--schema {path}: more than {SCHEMA_MAX_BYTES} bytes "
                              f"({SCHEMA_MAX_BYTES >> 20} MiB); a schema must be at most that")
-        return b"".join(chunks).decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UsageError(f"--schema {path}: cannot read ({exc})") from exc
     except OSError as exc:
