@@ -104,6 +104,11 @@ def warn(message: str, err: TextIO | None = None) -> None:
     err.flush()
 
 
+def error_record(name: str | list[str], message: str, part=None) -> dict[str, Any]:
+    """The --json record of a failed input (or of its page or segment)."""
+    return {"file": name, **(part.fields if part is not None else {}), "error": message}
+
+
 class Printer:
     def __init__(self, json_mode: bool, multi: bool, out: TextIO | None = None, err: TextIO | None = None) -> None:
         self.json_mode = json_mode
@@ -147,10 +152,7 @@ class Printer:
             self._line_open = False
         warn(message, self.err)
         if self.json_mode:
-            record: dict[str, Any] = {"file": name}
-            if part is not None:
-                record.update(part.fields)
-            record["error"] = message
+            record = error_record(name, message, part)
             emit(self.out, json_line(record) + "\n")
 
 
@@ -235,7 +237,7 @@ class Sink:
         """The error line; with --json its record too (with --output-dir, in the input's own file)."""
         self.printer.failed(name, outcome.error, outcome.part)
         if self.writer is not None and self.writer.json_mode:
-            record = {"file": name, **(outcome.part.fields if outcome.part else {}), "error": outcome.error}
+            record = error_record(name, outcome.error, outcome.part)
             self.writer.write(outcome.names[0], record, outcome.part)
 
     def done(self, outcome, record: dict[str, Any], rendered) -> None:
