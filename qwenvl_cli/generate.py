@@ -16,6 +16,7 @@ import torch
 from qwenvl_cli.config import GenerationConfig, check_sampling
 from qwenvl_cli.errors import PromptError
 from qwenvl_cli.model.qwen2_5_vl import Prompt, Qwen2_5_VL
+from qwenvl_cli.model.rope import signed_sin
 from qwenvl_cli.model.text import KVCache
 
 if TYPE_CHECKING:
@@ -178,11 +179,12 @@ class Generator:
 
     @torch.inference_mode()
     def decode_step(
-        self, token: torch.Tensor, index: int, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
+        self, token: torch.Tensor, index: int, cos: torch.Tensor, sin_signed: torch.Tensor, cache: KVCache
     ) -> torch.Tensor:
-        """token # (1, 1) long on device at sequence index `index`; cos/sin # (1, 1, hd). -> (1, V)."""
+        """token # (1, 1) long on device at sequence index `index`; cos # (1, 1, hd) and sin_signed
+        (rope.signed_sin of the sin table) # (1, 1, hd). -> (1, V)."""
         m = self.model
-        hidden = m.model(m.model.embed_tokens(token), cos, sin, cache, index)
+        hidden = m.model.decode(m.model.embed_tokens(token), cos, sin_signed, cache, index)
         return m.logits(hidden[:, -1])
 
     @torch.inference_mode()
@@ -200,6 +202,7 @@ class Generator:
         # Every decode position is known up front: text after the prompt, index + rope_delta on all axes.
         decode_pos = torch.arange(prompt.length, prompt.length + n_new, device=device) + prompt.rope_delta
         cos_all, sin_all = m.decode_tables(decode_pos)  # (1, n_new, hd)
+        sin_all = signed_sin(sin_all)  # the form TextModel.decode rotates with
         # The ids seen so far (prompt included), for the repetition penalty: a set on the host, a tensor of
         # the same ids on the device (the oracle below uses the vocabulary-wide mask instead).
         seen = set(prompt.input_ids[0].tolist())

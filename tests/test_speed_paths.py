@@ -264,3 +264,37 @@ def test_fused_projections_equal_the_checkpoint_matrices(ckpt, quantize):
         for got, want in zip(b.self_attn.project(x), a.self_attn.project(x)):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
         torch.testing.assert_close(b.mlp(x), a.mlp(x), atol=1e-5, rtol=0)
+
+
+def test_signed_sin_turns_rotate_half_into_a_roll():
+    from qwenvl_cli.model.rope import rotate_half, signed_sin
+
+    x, sin = torch.randn(3, 5, 16), torch.randn(1, 5, 16)
+    assert torch.equal(x.roll(8, -1) * signed_sin(sin), rotate_half(x) * sin)  # bit for bit
+
+
+@pytest.mark.parametrize("dtype, quantize, pack", [
+    (torch.float32, None, True), (torch.float32, None, False), (torch.bfloat16, None, True),
+    (torch.bfloat16, "int8", True), (torch.float32, "int8", False),
+])
+def test_lean_decode_step_equals_the_cached_forward(ckpt, dtype, quantize, pack):
+    """TextModel.decode (one token, fewer ops) against forward with the same cache, step after step from a
+    real prefill: identical bits, with fused (packed) and checkpoint (plain) projections."""
+    from qwenvl_cli.model.rope import signed_sin
+    from qwenvl_cli.model.text import KVCache
+
+    model = load_model(ckpt, "cpu", dtype, quantize=quantize, pack=pack)
+    prompt = model.make_prompt(PROMPTS[0])
+    n = prompt.length
+    caches = [KVCache.allocate(model.config.text, 1, n + 6, "cpu", model.dtype) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            Generator(model).prefill(prompt, cache)
+        cos, sin = model.decode_tables(torch.arange(n, n + 6) + prompt.rope_delta)
+        for i, token in enumerate([9707, 0, 151645, 17, 3838, 2]):
+            x = model.model.embed_tokens(torch.tensor([[token]]))
+            slow = model.model(x, cos[:, i:i + 1], sin[:, i:i + 1], caches[0], n + i)
+            fast = model.model.decode(x, cos[:, i:i + 1], signed_sin(sin[:, i:i + 1]), caches[1], n + i)
+            assert torch.equal(fast, slow), f"step {i}"
+        assert torch.equal(caches[0].k[:, :, :, : n + 6], caches[1].k[:, :, :, : n + 6])
+        assert torch.equal(caches[0].v[:, :, :, : n + 6], caches[1].v[:, :, :, : n + 6])

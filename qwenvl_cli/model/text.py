@@ -2,6 +2,7 @@
 
 `forward` is pure apart from writing the caller's cache at the positions it is given: prefill writes
 [0, L), a decode step writes one slot. Without a cache it is the plain full-sequence model (the oracle).
+`decode` is the one-token step with fewer, larger ops; `forward` with a cache is its oracle.
 """
 
 from __future__ import annotations
@@ -111,6 +112,39 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
 
+    def decode(
+        self,
+        x: torch.Tensor,  # (B, 1, D)
+        cos: torch.Tensor,  # (B, 1, hd)
+        sin_signed: torch.Tensor,  # (B, 1, hd): rope.signed_sin of the step's sin
+        cache: KVCache,
+        layer: int,
+        index: int,
+    ) -> torch.Tensor:  # (B, 1, D)
+        """`forward` for one token at sequence `index`, with the same arithmetic in fewer ops: a decode
+        step is bound by per-op overhead on small models (~5 us an op, ~60 ops a layer before). With
+        fused q/k/v the query and key heads rotate in one go, as one (B, H + kv, hd) slab."""
+        b = x.shape[0]
+        h, kv, hd = self.num_heads, self.num_kv, self.head_dim
+        if self.qkv is not None:
+            qkv = self.qkv(x)  # (B, 1, (H + 2 kv) hd)
+            qk = qkv[..., : (h + kv) * hd].reshape(b, h + kv, hd)
+            v = qkv[..., (h + kv) * hd :].reshape(b, kv, hd)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            qk = torch.cat((q, k), dim=-1).reshape(b, h + kv, hd)
+            v = v.reshape(b, kv, hd)
+        qk = qk * cos + qk.roll(hd // 2, -1) * sin_signed  # == apply_rotary, bit for bit
+        cache.k[layer, :, :, index] = qk[:, h:]
+        cache.v[layer, :, :, index] = v
+        k, v = cache.k[layer, :, :, : index + 1], cache.v[layer, :, :, : index + 1]
+        q = qk[:, :h, None]  # (B, H, 1, hd)
+        if x.device.type == "cpu":
+            out = decode_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=kv != h)
+        return self.o_proj(out.reshape(b, 1, h * hd))
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
@@ -122,6 +156,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, cache, layer, start):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode(self, x, cos, sin_signed, cache, layer, index):
+        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin_signed, cache, layer, index)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -146,4 +184,19 @@ class TextModel(nn.Module):
         x = embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, start)
+        return self.norm(x)
+
+    def decode(
+        self,
+        embeds: torch.Tensor,  # (B, 1, D)
+        cos: torch.Tensor,  # (B, 1, hd)
+        sin_signed: torch.Tensor,  # (B, 1, hd): rope.signed_sin(sin)
+        cache: KVCache,
+        index: int,
+    ) -> torch.Tensor:  # (B, 1, D) final-normed
+        """One token at sequence `index` (its keys and values go to cache slot `index`): equal to
+        forward(embeds, cos, sin, cache, index) (tests/test_speed_paths.py)."""
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            x = layer.decode(x, cos, sin_signed, cache, i, index)
         return self.norm(x)
