@@ -298,3 +298,17 @@ def test_lean_decode_step_equals_the_cached_forward(ckpt, dtype, quantize, pack)
             assert torch.equal(fast, slow), f"step {i}"
         assert torch.equal(caches[0].k[:, :, :, : n + 6], caches[1].k[:, :, :, : n + 6])
         assert torch.equal(caches[0].v[:, :, :, : n + 6], caches[1].v[:, :, :, : n + 6])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 512), (300, 640), (2, 7, 2048)])
+def test_rms_norm_equals_the_reference_form_bit_for_bit(dtype, shape):
+    from qwenvl_cli.model.vision import RMSNorm
+
+    norm = RMSNorm(shape[-1], 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(shape[-1]))
+    norm = norm.to(dtype)
+    x = (3 * torch.randn(shape)).to(dtype)
+    with torch.inference_mode():
+        assert torch.equal(norm(x), norm.reference(x))

@@ -25,6 +25,11 @@ class KVCache:
     k: torch.Tensor
     v: torch.Tensor
 
+    def __post_init__(self) -> None:
+        # Per-layer views # (B, kv_heads, max_len, head_dim), made once: the decode step indexes them 4 times a
+        # layer, and each index op on the 5-D tensors costs 2-4 dispatches.
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
+
     @classmethod
     def allocate(cls, cfg: TextConfig, batch: int, max_len: int, device, dtype) -> KVCache:
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -135,9 +140,10 @@ class Attention(nn.Module):
             qk = torch.cat((q, k), dim=-1).reshape(b, h + kv, hd)
             v = v.reshape(b, kv, hd)
         qk = qk * cos + qk.roll(hd // 2, -1) * sin_signed  # == apply_rotary, bit for bit
-        cache.k[layer, :, :, index] = qk[:, h:]
-        cache.v[layer, :, :, index] = v
-        k, v = cache.k[layer, :, :, : index + 1], cache.v[layer, :, :, : index + 1]
+        k_all, v_all = cache.k_layers[layer], cache.v_layers[layer]  # (B, kv, max_len, hd)
+        k_all.select(2, index).copy_(qk[:, h:])
+        v_all.select(2, index).copy_(v)
+        k, v = k_all.narrow(2, 0, index + 1), v_all.narrow(2, 0, index + 1)
         q = qk[:, :h, None]  # (B, H, 1, hd)
         if x.device.type == "cpu":
             out = decode_attention(q, k, v)
