@@ -1,10 +1,11 @@
 """qwenvl against transformers on CPU, on the same random weights, in one process, alternating.
 
-For float32, bfloat16 and int8 (qwenvl only) prints the vision tower (s), prefill (vision + prompt, s)
-and decode (tokens/s, greedy), each decode also as a share of the machine's read bandwidth measured in
-the same run (weight bytes a decode step reads / step time / streaming-read GB/s), and the ratio
+For float32, bfloat16, int8 and int4 (the last two qwenvl only) prints the vision tower (s), prefill
+(vision + prompt, s) and decode (tokens/s, greedy), each decode also as a share of the machine's read
+bandwidth measured in the same run (weight bytes a decode step reads / step time / streaming-read GB/s), and the ratio
 transformers / qwenvl (> 1: qwenvl faster). Every figure is the best of --rounds alternating passes: on
-a shared machine noise only adds time. `--startup` times whole processes (import, load, one token).
+a shared machine noise only adds time. `--startup` times whole processes (import, load, one token), through
+the API and as `qwenvl describe` runs.
 
     python benchmarks/bench_cpu.py                              # the issue's 228M checkpoint, 448px image
     python benchmarks/bench_cpu.py --preset 3b-shapes --image 1600x1146 --rounds 2
@@ -55,13 +56,17 @@ PRESETS = {
 
 
 def read_bandwidth(nbytes: int = 512 << 20, repeat: int = 5) -> float:
-    """Streaming-read GB/s: the best of `repeat` sums over a buffer 16x the L3 cache."""
-    buf = torch.ones(nbytes // 4)
+    """Streaming-read GB/s over a buffer 16x the L3 cache: the best of `repeat` passes of three reductions.
+    torch's float32 sum is a cascade sum that can stall below the memory's speed (measured 34 GB/s where a
+    bfloat16 sum of the same bytes read 53 and llama.cpp's decode read ~39), so one probe alone undercounts."""
+    probes = [(torch.ones(nbytes // 4), torch.sum), (torch.ones(nbytes // 4), torch.amax),
+              (torch.ones(nbytes // 2, dtype=torch.bfloat16), torch.sum)]
     best = float("inf")
     for _ in range(repeat):
-        t = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - t)
+        for buf, reduce in probes:
+            t = time.perf_counter()
+            reduce(buf)
+            best = min(best, time.perf_counter() - t)
     return nbytes / best / 1e9
 
 
@@ -77,7 +82,8 @@ def main() -> None:
     ap.add_argument("--image", default="448x448", help="WIDTHxHEIGHT of the random test image, pixels")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--variants", nargs="+", default=["float32", "bfloat16", "int8"])
+    ap.add_argument("--variants", nargs="+", default=["float32", "bfloat16", "int8", "int4"],
+                    choices=["float32", "bfloat16", "int8", "int4"])
     ap.add_argument("--no-reference", action="store_true", help="skip transformers")
     ap.add_argument("--startup", action="store_true", help="time whole processes instead")
     ap.add_argument("--memory", action="store_true", help="peak RSS of whole processes (load + one token)")
@@ -108,8 +114,9 @@ def run(ckpt_dir: Path, args) -> None:
     ours, theirs = {}, {}
     for v in args.variants:
         dtype = torch.float32 if v == "float32" else torch.bfloat16
-        ours[v] = load_model(ckpt, "cpu", dtype, quantize="int8" if v == "int8" else None)
-        if not args.no_reference and v != "int8":
+        quantized = v in ("int8", "int4")
+        ours[v] = load_model(ckpt, "cpu", dtype, quantize=v if quantized else None)
+        if not args.no_reference and not quantized:
             theirs[v] = reference_model(ckpt_dir, attn_implementation="sdpa", verify=False).to(dtype)
     bandwidth = read_bandwidth()
     print(f"{torch.__version__}, {torch.get_num_threads()} threads; image {width}x{height} -> grid "
@@ -197,15 +204,27 @@ print(f"imports {t1 - t0:.2f} load {t2 - t1:.2f} answer {t3 - t2:.2f} ({engine.d
 
 def startup(ckpt_dir: Path, rounds: int) -> None:
     """Whole processes: interpreter start, imports, Engine.load (weights + tokenizer), a 56x56 image and one
-    token. The checkpoint is bfloat16 on disk, as the hub's are."""
+    token; then the same as the CLI runs it (`qwenvl describe IMAGE --max-new-tokens 1`, argument parsing and
+    input checks included). The checkpoint is bfloat16 on disk, as the hub's are."""
+    import numpy as np
+    from PIL import Image
+
+    image = ckpt_dir.parent / "tiny.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(image)
+    cli = [sys.executable, "-m", "qwenvl_cli", "describe", str(image), "--model", str(ckpt_dir),
+           "--max-new-tokens", "1", "--quiet"]
     for dtype in ("auto", "float32"):
-        times = []
-        for _ in range(rounds):
+        times, cli_times = [], []
+        for _ in range(rounds):  # the two kinds alternate, so that a noisy neighbour hits both alike
             t = time.perf_counter()
             out = subprocess.run([sys.executable, "-c", STARTUP, str(ckpt_dir), dtype], capture_output=True,
                                  text=True, check=True).stdout.strip()
             times.append(time.perf_counter() - t)
-        print(f"--dtype {dtype}: whole process best {min(times):.2f} s of {rounds} (last: {out})")
+            t = time.perf_counter()
+            subprocess.run([*cli, "--dtype", dtype], capture_output=True, check=True)
+            cli_times.append(time.perf_counter() - t)
+        print(f"--dtype {dtype}: whole process best {min(times):.2f} s of {rounds} (last: {out}); "
+              f"qwenvl describe best {min(cli_times):.2f} s")
 
 
 MEMORY = """
@@ -231,7 +250,8 @@ def memory(ckpt_dir: Path) -> None:
     """Peak resident memory (MiB, VmHWM: mapped file pages it touched count too) of a process that loads
     the bfloat16-on-disk checkpoint and generates two tokens."""
     runs = [("qwenvl", "bfloat16", "none"), ("transformers", "bfloat16", "none"), ("qwenvl", "float32", "none"),
-            ("transformers", "float32", "none"), ("qwenvl", "bfloat16", "int8")]
+            ("transformers", "float32", "none"), ("qwenvl", "bfloat16", "int8"),
+            ("qwenvl", "bfloat16", "int4")]
     for who, dtype, quantize in runs:
         out = subprocess.run([sys.executable, "-c", MEMORY, str(ckpt_dir), who, dtype, quantize],
                              capture_output=True, text=True, check=True).stdout.split()[-1]

@@ -75,13 +75,14 @@ class Engine:
 
     @classmethod
     def load(cls, model_ref: str, device: str = "auto", dtype: str = "auto", quantize: str | None = None) -> Engine:
-        """`quantize`: None or "int8" (weight-only, decoder linears and an untied LM head; see load_model)."""
+        """`quantize`: None, "int8" or "int4" (weight-only, decoder linears and an untied LM head; see load_model)."""
         dev = pick_device(device)
         torch_dtype, reason = explain_dtype(dtype, dev)
         path = resolve_model(model_ref)
         ckpt = open_checkpoint(path)
-        # Serial on purpose: tokenizers' from_file (0.45 s) holds the GIL, so a thread beside the weights
-        # gained nothing (measured 0.67-0.77 s threaded vs 0.73-0.79 s serial, benchmarks/RESULTS.md).
+        # Serial on purpose: tokenizers' from_file (0.3-0.45 s) holds the GIL, so a thread beside the weights
+        # gained nothing (measured 0.67-0.77 s threaded vs 0.73-0.79 s serial, benchmarks/RESULTS.md), and
+        # one started before `import torch` made the import longer by the whole parse (tokenizers 0.23).
         tokenizer = Tokenizer.from_dir(path)
         model = load_model(ckpt, dev, torch_dtype, quantize=quantize)
         return cls(model_ref, ckpt, model, tokenizer, reason)

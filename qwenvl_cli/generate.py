@@ -9,6 +9,7 @@ logits before any processing and whose EOS ends the answer.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -108,10 +109,31 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+@lru_cache(maxsize=8)
+def _argmax_row(vocab: int) -> int:
+    """The largest divisor of `vocab` up to 2048 (1187 for Qwen's 151936), or 0 if it is below 64."""
+    row = next(d for d in range(min(vocab, 2048), 0, -1) if vocab % d == 0)
+    return row if row >= 64 else 0
+
+
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1) # (B, V) -> (B,), the same index (the first maximum; NaN counts as the maximum) in
+    two levels: the maximum of each row of a (B, V / r, r) view, the first row holding the overall maximum,
+    the first maximum inside it. On CPU torch's argmax is scalar code, 225 us over 151936 logits; amax is
+    vectorised, and this takes 50 us (2-3% of a quantized decode step)."""
+    row = _argmax_row(logits.shape[-1])
+    if not row or logits.device.type != "cpu":
+        return logits.argmax(-1)
+    blocks = logits.view(logits.shape[0], -1, row)  # (B, V / r, r)
+    first = blocks.amax(-1).argmax(-1)  # (B,)
+    inside = blocks[torch.arange(logits.shape[0], device=logits.device), first].argmax(-1)  # (B,)
+    return first * row + inside
+
+
 def choose(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> torch.Tensor:
     """Next token ids # (B,) on the logits' device (repetition penalty already applied), without a host sync."""
     if params.greedy:
-        return logits.argmax(-1)
+        return greedy_argmax(logits)
     probs = warp(logits, params).softmax(-1)
     return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
 

@@ -132,9 +132,9 @@ def test_min_pixels_above_max_pixels_is_a_usage_error(model_dir):
 def test_help_does_not_import_torch():
     code = (
         "import sys\n"
-        "from qwenvl_cli.cli import main\n"
+        "from qwenvl_cli.cli import run_cli\n"
         "sys.argv = ['qwenvl', 'describe', '--help']\n"
-        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "try:\n    run_cli()\nexcept SystemExit:\n    pass\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "assert 'transformers' not in sys.modules\n"
     )
@@ -143,17 +143,59 @@ def test_help_does_not_import_torch():
     assert "--together" in r.stdout and "Examples" in r.stdout
 
 
-def test_product_never_imports_transformers(model_dir):
+def _describe_then_check(model_dir, checks: str) -> subprocess.CompletedProcess:
+    """`qwenvl describe SHAPES` run in a fresh interpreter through run_cli (main() would leave the process
+    before anything after it runs), then the Python statements `checks` in the same process."""
     code = (
-        "import sys\n"
-        "from qwenvl_cli.cli import main\n"
+        "import gc, sys\n"
+        "from qwenvl_cli.cli import run_cli\n"
         f"sys.argv = ['qwenvl', 'describe', {SHAPES!r}, '--model', {model_dir!r}, '--max-new-tokens', '2']\n"
-        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-        "assert 'transformers' not in sys.modules and 'torchvision' not in sys.modules\n"
-    )
+        "try:\n    run_cli()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+    ) + checks
     env = {**os.environ, "QWENVL_DEBUG": "1"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_product_never_imports_transformers(model_dir):
+    r = _describe_then_check(model_dir, "assert 'transformers' not in sys.modules\n"
+                                        "assert 'torchvision' not in sys.modules\n")
     assert r.returncode == 0, r.stderr
+
+
+def test_describing_an_image_loads_no_pdf_or_video_library_and_collects_garbage(model_dir):
+    """pypdfium2 and PyAV are imported where a PDF or a video is opened, not on every run (20-30 ms); the
+    cyclic collector, off while the imports run, is back on (with what they made frozen) for the answers."""
+    r = _describe_then_check(model_dir, (
+        "assert 'pypdfium2' not in sys.modules and 'av' not in sys.modules, 'a PDF or video library imported'\n"
+        "assert gc.isenabled() and gc.get_freeze_count() > 100_000, (gc.isenabled(), gc.get_freeze_count())\n"
+    ))
+    assert r.returncode == 0, r.stderr
+
+
+def test_the_console_script_exits_with_the_runs_status_after_atexit_handlers_and_threads(model_dir):
+    """main() leaves without the interpreter's teardown, but only after what that teardown would have
+    waited for: atexit handlers (the PDF renderer's child), other threads, the streams flushed."""
+    thread = (  # a thread with work left when the main thread is done (is_alive turns False at the shutdown)
+        "def last():\n    while threading.main_thread().is_alive():\n        time.sleep(0.01)\n"
+        "    print('thread done', flush=True)\n"
+        "threading.Thread(target=last).start()\n"
+    )
+    for with_thread in (False, True):
+        program = (
+            "import atexit, sys, threading, time\n"
+            "from qwenvl_cli.cli import main\n"
+            "atexit.register(lambda: print('atexit ran', flush=True))\n"
+            + (thread if with_thread else "")
+            + f"sys.argv = ['qwenvl', 'describe', 'nope.jpg', {SHAPES!r}, '--model', {model_dir!r}, "
+            "'--max-new-tokens', '2']\n"
+            "main()\n"
+        )
+        r = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1, r.stderr  # the run's status: one input failed
+        assert r.stderr.strip().splitlines() == ["qwenvl: nope.jpg: file not found"]
+        lines = r.stdout.splitlines()
+        assert f"==> {SHAPES} <==" in lines and "atexit ran" in lines, lines
+        assert ("thread done" in lines) == with_thread, lines
 
 
 def test_debug_env_shows_traceback():
@@ -238,11 +280,15 @@ def test_broken_pipe_is_quiet(model_dir):
     assert "Traceback" not in r.stderr and "internal error" not in r.stderr
 
 
-def test_quantize_int8_and_verbose_says_the_dtype_and_why(model_dir):
-    r = run("describe", SHAPES, "--model", model_dir, "--json", "--max-new-tokens", "3", "--quantize", "int8", "-v")
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantize_and_verbose_says_the_dtype_and_why(model_dir, quantize):
+    r = run("describe", SHAPES, "--model", model_dir, "--json", "--max-new-tokens", "3", "--quantize", quantize, "-v")
     assert r.exit_code == 0, r.stderr
     assert json_lines(r.stdout)[0]["completion_tokens"] >= 1
     first = r.stderr.splitlines()[0]
-    assert first.startswith("qwenvl: loaded ") and "auto: " in first and "decoder weights int8" in first
-    r = run("describe", SHAPES, "--model", model_dir, "--quantize", "int4")
+    assert first.startswith("qwenvl: loaded ") and "auto: " in first and f"decoder weights {quantize}" in first
+
+
+def test_unknown_quantization_is_a_usage_error(model_dir):
+    r = run("describe", SHAPES, "--model", model_dir, "--quantize", "int2")
     assert r.exit_code == 2

@@ -35,6 +35,7 @@ class DType(str, Enum):
 
 class Quantize(str, Enum):
     int8 = "int8"
+    int4 = "int4"
 
 
 # Options shared by the answering subcommands (Typer accepts one Option object in several commands).
@@ -55,7 +56,8 @@ DTYPE = typer.Option(
     help="Weights dtype (auto: bf16 on GPUs and on CPUs with AVX512-BF16/AMX; fp16 on GPUs without bf16; else fp32).",
 )
 QUANTIZE = typer.Option(
-    None, "--quantize", help="Weight-only int8 for the text decoder: half the bytes of bf16 to read per token."
+    None, "--quantize",
+    help="Weight-only int8 or int4 for the text decoder: 1/2 or about 1/4 of bf16's bytes to read per token.",
 )
 MIN_PIXELS = typer.Option(None, "--min-pixels", min=1, help="Smallest resized image area.")
 MAX_PIXELS = typer.Option(None, "--max-pixels", min=1, help="Largest resized image area.")

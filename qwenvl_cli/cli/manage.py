@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from qwenvl_cli.cli import app
+from qwenvl_cli.cli import app, started_up
 from qwenvl_cli.cli.common import reported_errors
 
 
@@ -13,6 +13,8 @@ def models() -> None:
     """List the known Qwen2.5-VL checkpoints and which are in the local cache, with their size."""
     with reported_errors():
         from qwenvl_cli.hub import KNOWN_MODELS, cached_models
+
+        started_up()
 
         cached = cached_models()
         names = list(KNOWN_MODELS) + sorted(k for k in cached if k not in KNOWN_MODELS and "VL" in k)
@@ -30,5 +32,7 @@ def download(
     """Download a checkpoint into the Hugging Face cache (resumable; progress on stderr)."""
     with reported_errors():
         from qwenvl_cli.hub import download as fetch
+
+        started_up()
 
         typer.echo(str(fetch(model)))

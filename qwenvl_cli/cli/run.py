@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import typer
 
+from qwenvl_cli.cli import started_up
 from qwenvl_cli.cli.common import Common
 from qwenvl_cli.engine import Engine, model_label
 from qwenvl_cli.errors import OutputError, UsageError
@@ -99,6 +100,7 @@ def load_engine(opts: Common, feedback: Feedback, log) -> tuple[Engine, str]:
 
 def run_task(task: Task, opts: Common) -> None:
     """Answer every input with `task`; exit 1 at the end when any input (or part) failed."""
+    started_up()
     check_sampling_options(opts)
     source_opts = source_options(opts, task)
     stdin = sys.stdin.buffer if "-" in opts.inputs and sys.stdin is not None else None  # None: closed (<&-)

@@ -15,15 +15,18 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pypdfium2 as pdfium
-import pypdfium2.raw as pdfium_c
 from PIL import Image
 
 from qwenvl_cli.errors import InputError, UsageError
-from qwenvl_cli.media import sandbox
 from qwenvl_cli.media.capture import Said, captured_output
 from qwenvl_cli.media.detect import read_head
+
+if TYPE_CHECKING:  # imported where a PDF is opened: 20-30 ms that an image-only run does not pay
+    import pypdfium2 as pdfium
+
+    from qwenvl_cli.media import sandbox
 
 # 200 dpi: an A4 page (595.28x841.89 pt) becomes 1654x2339 px = 3.9 MP, under the checkpoints' default
 # max_pixels (12,845,056), so the processor does not downscale it; 8-pt print is ~22 px tall, legible to
@@ -228,6 +231,10 @@ class PdfFile:
     ) -> PdfFile:
         """Open a PDF file (or its bytes). Every failure is an InputError naming `name`; what pdfium says
         on the side (an XFA form it cannot run) goes to `on_warning` as one line naming `name`."""
+        import pypdfium2 as pdfium
+
+        from qwenvl_cli.media import sandbox
+
         if isinstance(source, bytes):
             if not source:
                 raise InputError(f"{name}: empty (0 bytes)")
@@ -285,6 +292,8 @@ class PdfFile:
             raise UsageError(f"--dpi must be positive, got {dpi}")
         if self._remote is None:
             return self._render_here(number, dpi)
+        from qwenvl_cli.media import sandbox
+
         deadline = time.monotonic() + RENDER_SECONDS
         try:
             try:
@@ -321,6 +330,8 @@ class PdfFile:
 
     def _render_here(self, number: int, dpi: float) -> Page:
         """render() in this process, without bounds."""
+        import pypdfium2 as pdfium
+
         try:
             page = self._doc[number - 1]
         except pdfium.PdfiumError as exc:
@@ -401,6 +412,8 @@ def _open_note(name: str, logged: list[str], said: Said) -> str | None:
 def _loads_without_pages(data: Path | bytes, password: str | None) -> bool:
     """pypdfium2 refuses a document of 0 pages with the same PdfiumError as a failed load, and the error
     code it attaches is stale then (pdfium sets its last error only on failure): load it raw to tell."""
+    import pypdfium2.raw as pdfium_c
+
     pw = (password + "\x00").encode("utf-8") if password else None
     if isinstance(data, Path):
         raw = pdfium_c.FPDF_LoadDocument(os.fsencode(data) + b"\x00", pw)

@@ -21,14 +21,18 @@ from torch import nn
 
 from qwenvl_cli.config import GenerationConfig, ModelConfig, PreprocessorConfig, read_json, show
 from qwenvl_cli.errors import ModelError
+from qwenvl_cli.model.int4 import Int4Embedding
 from qwenvl_cli.model.quant import (
     QUANTIZATIONS,
     Int8Embedding,
     Int8Linear,
+    MappedEmbedding,
+    TiedHead,
     decoder_linear_names,
     fuse_projections,
     one_thread,
     pack_linears,
+    quantized_linear,
     replace_module,
 )
 from qwenvl_cli.model.qwen2_5_vl import Qwen2_5_VL
@@ -244,17 +248,24 @@ def resolve_dtype(dtype: str, device: torch.device, bf16_ok=None) -> torch.dtype
     return explain_dtype(dtype, device, bf16_ok)[0]
 
 
+# The modules whose initialisers _meta_build skips (each defines reset_parameters; Conv3d's is _ConvNd's).
+_INITIALISED = (nn.Embedding, nn.Linear, nn.modules.conv._ConvNd)
+
+
 @contextmanager
 def _meta_build():
     """Build on the meta device without initialisers (the checkpoint supplies every weight). nn.Embedding's
-    normal_ on a meta tensor imports torch._dynamo: 1.0-1.4 s of start-up, measured."""
-    init = nn.Embedding.reset_parameters
-    nn.Embedding.reset_parameters = lambda self: None
+    normal_ on a meta tensor imports torch._dynamo: 1.0-1.4 s of start-up, measured; the Linear and Conv3d
+    kaiming_uniform_ calls cost another 10 ms for nothing."""
+    inits = [cls.reset_parameters for cls in _INITIALISED]
+    for cls in _INITIALISED:
+        cls.reset_parameters = lambda self: None
     try:
         with torch.device("meta"):
             yield
     finally:
-        nn.Embedding.reset_parameters = init
+        for cls, init in zip(_INITIALISED, inits):
+            cls.reset_parameters = init
 
 
 def load_model(
@@ -264,10 +275,12 @@ def load_model(
     quantize: str | None = None,
     pack: bool | None = None,
 ) -> Qwen2_5_VL:
-    """`quantize="int8"`: weight-only int8 for the decoder's linears and an untied LM head, quantized tensor
-    by tensor as read (everything else in `dtype`). `pack` (default: on CPU) fuses each text layer's q/k/v
-    and gate/up matrices and repacks the decoder's float linears for oneDNN; pack=False keeps the
-    checkpoint's plain nn.Linear modules (the slow oracle)."""
+    """`quantize="int8"` / `"int4"`: weight-only int8 / groupwise int4 for the decoder's linears and an
+    untied LM head, quantized tensor by tensor as read (everything else in `dtype`); a tied head, the
+    embedding table too, is quantized once after loading and serves the lookups from its own rows.
+    quant.quantized_linear says which matrices int4 takes (the others are int8).
+    `pack` (default: on CPU) fuses each text layer's q/k/v and gate/up matrices and repacks the decoder's
+    float linears for oneDNN; pack=False keeps the checkpoint's plain nn.Linear modules (the slow oracle)."""
     from safetensors import SafetensorError, safe_open
 
     if quantize is not None and quantize not in QUANTIZATIONS:
@@ -276,17 +289,22 @@ def load_model(
     with _meta_build():
         model = Qwen2_5_VL(ckpt.config)
     tied = ckpt.config.text.tie_word_embeddings
+    pack = pack if pack is not None else device.type == "cpu"
+    table_key = "model.embed_tokens.weight"
+    split_tied = tied and pack and not quantize and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+    table: torch.Tensor | None = None
     expected = {name: p.shape for name, p in model.named_parameters()}
     if tied:
         expected.pop("lm_head.weight")
-    # A tied LM head is also the embedding table: quantized (with it) after loading, packed never.
+    # A tied LM head is also the embedding table: quantized with it after loading (Int8Embedding reads the
+    # int8 rows), or, in float on CPU, packed apart from it (TiedHead; MappedEmbedding reads the file's rows).
     fast_linears = [name for name in decoder_linear_names(model) if not (tied and name == "lm_head")]
     quantized: set[str] = set()
     if quantize:
         for name in fast_linears:
             linear = model.get_submodule(name)
-            replace_module(model, name, Int8Linear(linear.in_features, linear.out_features, linear.bias is not None,
-                                                   dtype, "meta"))
+            replace_module(model, name, quantized_linear(quantize, linear.in_features, linear.out_features,
+                                                         linear.bias is not None, dtype, "meta"))
             quantized.add(name + ".weight")
     seen: set[str] = set()
     unexpected: list[str] = []
@@ -304,7 +322,9 @@ def load_model(
                             f"{file.name}: {raw_key} has shape {tuple(tensor.shape)}, the config needs "
                             f"{tuple(expected[key])}"
                         )
-                    if key in quantized:
+                    if split_tied and key == table_key:
+                        table = tensor  # stays mapped, in the file's dtype: see TiedHead below
+                    elif key in quantized:
                         with one_thread():
                             model.get_submodule(key.rpartition(".")[0]).set_weight(tensor.to(device))
                         drop_pages(tensor)
@@ -329,18 +349,24 @@ def load_model(
             )
         raise ModelError(f"{ckpt.path}: checkpoint does not match config.json: {'; '.join(parts)}")
     if tied and quantize:
-        # The head is the embedding table: quantize it once and read the embeddings from the int8 rows.
+        # The head is the embedding table: quantize it once and read the embeddings from its int8 / int4 rows.
         table = model.model.embed_tokens.weight
+        vocab, hidden = table.shape
+        head = quantized_linear(quantize, hidden, vocab, False, dtype, "meta")
         with one_thread():
-            head = Int8Linear.from_float(table, None, dtype)
+            head.set_weight(table)
         model.lm_head = head
-        model.model.embed_tokens = Int8Embedding(head, dtype)
+        embedding = Int8Embedding if isinstance(head, Int8Linear) else Int4Embedding
+        model.model.embed_tokens = embedding(head, dtype)
         drop_pages(table)
+    elif split_tied:
+        model.lm_head = TiedHead(table, dtype, on_packed=drop_pages)
+        model.model.embed_tokens = MappedEmbedding(table, dtype)
     elif tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    if pack if pack is not None else device.type == "cpu":
+    if pack:
         fuse_projections(model, on_fused=drop_pages)
-        fast = [name for name in decoder_linear_names(model) if not (tied and name == "lm_head")]
+        fast = [name for name in decoder_linear_names(model) if name != "lm_head" or not tied]
         pack_linears(model, fast, on_packed=drop_pages)
     return model.eval().requires_grad_(False)
 

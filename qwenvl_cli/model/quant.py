@@ -17,7 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUANTIZATIONS = ("int8",)
+from qwenvl_cli.model.int4 import Int4Linear, check_int4_shape, pack_int4, unpack_int4
+
+QUANTIZATIONS = ("int8", "int4")
+
+# int4 groups: the largest of these dividing a matrix's in_features (128 for every real Qwen2.5-VL width).
+_INT4_GROUPS = (128, 64, 32)
 
 # Above this many rows (prefill) the int8 kernel loses to dequantize-then-bfloat16-GEMM (measured at 300
 # rows: 190-260 ms vs 130 ms on 2048x11008); at decode it reads 4x fewer bytes than float32.
@@ -52,6 +57,54 @@ class PackedLinear(nn.Module):
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dense_weight(), self.bias)
+
+
+class TiedHead(nn.Module):
+    """A tied LM head # (V, D) (the 3B's: the embedding table is its weight) packed for oneDNN in chunks of
+    rows, so that it reads at the packed GEMV's bandwidth (151936x2048 bfloat16: 22 ms, 28 GB/s, against
+    33 ms for F.linear on the plain table) while the lookups read rows of the checkpoint's own table
+    (MappedEmbedding). Chunks of `chunk_rows` are converted and packed one at a time, each chunk's source
+    rows handed to `on_packed` when done: no second whole copy of the table exists at any moment. The
+    chunks' outputs concatenate to the same bits as one packed matrix (8 chunks cost ~5% over one)."""
+
+    def __init__(self, table: torch.Tensor, dtype: torch.dtype, chunk_rows: int = 1 << 14, on_packed=None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = table.shape
+        chunks = []
+        with one_thread():
+            for start in range(0, self.out_features, chunk_rows):
+                rows = table[start : start + chunk_rows]
+                packed = torch.ops.mkldnn._reorder_linear_weight(rows.to(dtype).contiguous(), 1)
+                chunks.append(nn.Parameter(packed, requires_grad=False))
+                if on_packed is not None:
+                    on_packed(rows)
+        self.chunks = nn.ParameterList(chunks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., V)
+        rows = _linear_rows(x)
+        y = torch.cat([torch.ops.mkldnn._linear_pointwise(rows, w, None, "none", [], "") for w in self.chunks], -1)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dense_weight(self) -> torch.Tensor:  # (V, D)
+        return torch.cat([w.to_dense() for w in self.chunks])
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense_weight())
+
+
+class MappedEmbedding(nn.Module):
+    """Token embeddings looked up in the checkpoint's table as loaded (memory-mapped, in the file's dtype),
+    each looked-up row cast to the model's dtype: the same values as casting the whole table first (a cast
+    is per element), without a resident copy of the table beside a TiedHead. Only the pages of the rows
+    looked up become resident."""
+
+    def __init__(self, table: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(table, requires_grad=False)  # (V, D) in the file's dtype
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...,) long -> (..., D)
+        return F.embedding(ids, self.weight).to(self.dtype)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,9 +187,43 @@ class Int8Embedding(nn.Module):
         return rows.to(self.dtype)
 
 
+def quantized_linear(kind: str, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                     device=None) -> nn.Module:
+    """An empty weight-only linear of `kind` ("int8" or "int4") to `set_weight` into. int4 takes the largest
+    group of _INT4_GROUPS dividing in_features; a matrix the int4 kernel cannot take (out_features not a
+    multiple of 16, or no group fits) is int8 instead."""
+    if kind == "int4":
+        for group in _INT4_GROUPS:
+            try:
+                check_int4_shape(out_features, in_features, group)
+            except ValueError:
+                continue
+            return Int4Linear(in_features, out_features, bias, dtype, group, device)
+    elif kind != "int8":
+        raise ValueError(f"unknown quantization {kind!r}")
+    return Int8Linear(in_features, out_features, bias, dtype, device)
+
+
+def _concat_int4(parts: list[nn.Module]) -> nn.Module:
+    """Int4Linear parts side by side: the nibbles are unpacked, stacked and packed again (the pack layout
+    works in row blocks, so packed bytes do not simply concatenate), per-group scales concatenate exactly.
+    The transient uint8 copy is one layer's matrices."""
+    first = parts[0]
+    bias = first.bias
+    out = Int4Linear(first.in_features, sum(p.out_features for p in parts), bias is not None,
+                     bias.dtype if bias is not None else torch.bfloat16, first.group_size, "meta")
+    q = torch.cat([unpack_int4(p.weight, p.out_features, p.in_features, p.layout) for p in parts])
+    out.weight = nn.Parameter(pack_int4(q), requires_grad=False)
+    out.scales_and_zeros = nn.Parameter(torch.cat([p.scales_and_zeros for p in parts], 1), requires_grad=False)
+    out.bias = None if bias is None else nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    return out
+
+
 def concat_linears(parts: list[nn.Module]) -> nn.Module:
-    """One linear computing `parts` side by side (outputs concatenated in order): float nn.Linear or
-    Int8Linear (per-row scales concatenate exactly), all of one kind."""
+    """One linear computing `parts` side by side (outputs concatenated in order): float nn.Linear,
+    Int8Linear (per-row scales concatenate exactly) or Int4Linear of one group size, all of one kind."""
+    if all(isinstance(p, Int4Linear) for p in parts) and len({p.group_size for p in parts}) == 1:
+        return _concat_int4(parts)
     if all(isinstance(p, Int8Linear) for p in parts):
         first = parts[0]
         out = Int8Linear(first.in_features, sum(p.out_features for p in parts), first.bias is not None,
@@ -156,6 +243,13 @@ def concat_linears(parts: list[nn.Module]) -> nn.Module:
     return out
 
 
+def _fusable(parts: list[nn.Module]) -> bool:
+    kinds = {type(p) for p in parts}
+    if len(kinds) != 1:
+        return False
+    return kinds != {Int4Linear} or len({p.group_size for p in parts}) == 1
+
+
 def fuse_projections(model: nn.Module, on_fused=None) -> None:
     """Each text layer's q/k/v into one `qkv` matrix and gate/up into one `gate_up`: a decode step makes 4
     matrix-vector calls a layer instead of 7, and on small models each call costs 40-80 us of overhead
@@ -166,6 +260,8 @@ def fuse_projections(model: nn.Module, on_fused=None) -> None:
         groups = ((attn, "qkv", ("q_proj", "k_proj", "v_proj")), (mlp, "gate_up", ("gate_proj", "up_proj")))
         for owner, fused, names in groups:
             parts = [getattr(owner, n) for n in names]
+            if not _fusable(parts):
+                continue  # e.g. int4 q beside int8 k/v (a shape int4 cannot take): kept as the checkpoint's
             setattr(owner, fused, concat_linears(parts))
             for n, part in zip(names, parts):
                 delattr(owner, n)
@@ -176,7 +272,7 @@ def fuse_projections(model: nn.Module, on_fused=None) -> None:
 def decoder_linear_names(model: nn.Module) -> list[str]:
     """The linear modules of the text decoder and the LM head (`model.layers.*`, `lm_head`): the
     matrices a decode step reads. The vision tower runs once per image and stays as it is."""
-    kinds = (nn.Linear, PackedLinear, Int8Linear)
+    kinds = (nn.Linear, PackedLinear, Int8Linear, Int4Linear, TiedHead)
     return [name for name, m in model.named_modules()
             if isinstance(m, kinds) and (name.startswith("model.layers.") or name == "lm_head")]
 

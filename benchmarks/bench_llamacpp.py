@@ -1,0 +1,222 @@
+"""qwenvl against llama.cpp on the same random weights, alternating in one run: decode speed per precision
+(fp32, bf16, 8-bit, 4-bit) and the whole describe job (a process that loads, encodes an image and writes
+32 tokens).
+
+    python benchmarks/bench_llamacpp.py --llama-cpp ~/src/llama.cpp        # a tree with build/bin
+    python benchmarks/bench_llamacpp.py --llama-cpp DIR --only decode --rounds 5
+
+llama.cpp's side: `llama-bench -p 0 -n N -d DEPTH` for decode (tokens/s after DEPTH tokens of context, the
+depth of qwenvl's image prompt), `llama-mtmd-cli` for the whole job, both on 2 threads. GGUF files come
+from its own `convert_hf_to_gguf.py` (text and --mmproj) and `llama-quantize` (Q8_0, Q4_K_M), made once
+into --work and reused. The README says how to build llama.cpp. Needs the test extra (the checkpoints).
+Every figure is the best of --rounds: on a shared machine noise only adds time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from bench_cpu import PRESETS, read_bandwidth, step_bytes  # noqa: E402
+from prompts import image_prompt  # noqa: E402
+from checkpoints import make_checkpoint  # noqa: E402
+
+from qwenvl_cli.generate import Generator, SamplingParams  # noqa: E402
+from qwenvl_cli.model.loader import load_model, open_checkpoint  # noqa: E402
+from qwenvl_cli.model.quant import QUANTIZATIONS  # noqa: E402
+
+# (label, qwenvl dtype, qwenvl --quantize, llama.cpp text GGUF type, llama.cpp mmproj type)
+PRECISIONS = [
+    ("fp32", "float32", None, "f32", "f32"),
+    ("bf16", "bfloat16", None, "bf16", "bf16"),
+    ("8-bit", "bfloat16", "int8", "Q8_0", "bf16"),
+    ("4-bit", "bfloat16", "int4", "Q4_K_M", "bf16"),
+]
+
+# Qwen's tokenizer is BPE: the converter tries a sentencepiece vocabulary first and falls back to BPE when
+# tokenizer.model is missing, but it imports the sentencepiece package before looking. Make that attempt
+# fail the way a missing file does, so the package is not needed.
+CONVERT = """
+import os, runpy, sys
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(script))  # as `python convert_hf_to_gguf.py` would
+import conversion.base
+
+def no_sentencepiece(self, *args, **kwargs):
+    raise FileNotFoundError("no tokenizer.model (BPE tokenizer)")
+
+conversion.base.TextModel._set_vocab_sentencepiece = no_sentencepiece
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+class Gguf:
+    """GGUF files of one checkpoint, made on first use into `work` and reused: text "f32", "bf16" (by
+    convert_hf_to_gguf.py), "Q8_0", "Q4_K_M" (by llama-quantize from f32), and mmproj "f32", "bf16"."""
+
+    def __init__(self, llama: Path, ckpt: Path, work: Path) -> None:
+        self.llama, self.ckpt, self.work = llama, ckpt, work
+
+    def text(self, kind: str) -> Path:
+        path = self.work / f"text-{kind}.gguf"
+        if not path.exists():
+            if kind in ("f32", "bf16"):
+                self._convert([], kind, path)
+            else:
+                subprocess.run([str(self.llama / "build/bin/llama-quantize"), str(self.text("f32")), str(path), kind],
+                               check=True, capture_output=True)
+        return path
+
+    def mmproj(self, kind: str) -> Path:
+        path = self.work / f"mmproj-{kind}.gguf"
+        if not path.exists():
+            self._convert(["--mmproj"], kind, path)
+        return path
+
+    def _convert(self, flags: list[str], outtype: str, path: Path) -> None:
+        env = {**os.environ, "PYTHONPATH": str(self.llama / "gguf-py")}
+        subprocess.run([sys.executable, "-c", CONVERT, str(self.llama / "convert_hf_to_gguf.py"), str(self.ckpt),
+                        *flags, "--outtype", outtype, "--outfile", str(path)], env=env, check=True, capture_output=True)
+
+
+def llama_decode(llama: Path, model: Path, depth: int, n: int) -> float:
+    """llama-bench's tokens/s for n tokens after `depth` tokens of context (one repetition)."""
+    cmd = [str(llama / "build/bin/llama-bench"), "-m", str(model), "-p", "0", "-n", str(n), "-d", str(depth),
+           "-t", "2", "-r", "1", "-o", "json"]
+    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)[0]["avg_ts"]
+
+
+def ours_decode(model, ids, vis, n: int) -> float:
+    """qwenvl's tokens/s over n greedy tokens after the image prompt (the prefill not counted)."""
+    steps = Generator(model).stream(model.make_prompt(ids, vis), SamplingParams(max_new_tokens=n + 1))
+    next(steps)
+    t = time.perf_counter()
+    count = sum(1 for _ in steps)
+    return count / (time.perf_counter() - t)
+
+
+def whole_llama(llama: Path, text: Path, mmproj: Path, image: Path, n: int) -> tuple[float, str]:
+    cmd = [str(llama / "build/bin/llama-mtmd-cli"), "-m", str(text), "--mmproj", str(mmproj), "--image", str(image),
+           "-p", "Describe this image.", "-n", str(n), "--temp", "0", "--repeat-penalty", "1.0", "--jinja",
+           "-t", "2", "--image-max-tokens", "16384"]
+    t = time.perf_counter()
+    run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t
+    encode = re.search(r"batch encoding done in (\d+) ms", run.stderr)
+    return wall, f"image encode {int(encode.group(1)) / 1e3:.1f} s" if encode else ""
+
+
+def whole_ours(ckpt: Path, image: Path, dtype: str, quantize: str | None, n: int) -> tuple[float, str]:
+    cmd = [sys.executable, "-m", "qwenvl_cli", "describe", str(image), "--model", str(ckpt), "--max-new-tokens",
+           str(n), "--temperature", "0", "--repetition-penalty", "1.0", "--dtype", dtype, "-v", "-q"]
+    if quantize:
+        cmd += ["--quantize", quantize]
+    t = time.perf_counter()
+    run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t
+    timing = re.search(r"prefill ([\d.]+)s; (\d+) tokens, decode ([\d.]+) tok/s", run.stderr)
+    detail = f"prefill (vision + prompt) {timing.group(1)} s, {timing.group(2)} tokens at {timing.group(3)} tok/s" \
+        if timing else ""
+    return wall, detail
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp source tree with build/bin")
+    ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "qwenvl-bench-llamacpp",
+                    help="where the checkpoint and GGUF files are made once and reused")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="issue")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--decode-image", default="448x448", help="image of the decode prompt (sets the depth)")
+    ap.add_argument("--image", default="1600x1146", help="image of the whole describe job")
+    ap.add_argument("--only", choices=["decode", "whole"])
+    args = ap.parse_args()
+    llama = args.llama_cpp.expanduser().resolve()
+    work = args.work.expanduser() / args.preset
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / "ckpt"
+    if not (ckpt / "config.json").exists():
+        preset = PRESETS[args.preset]
+        make_checkpoint(ckpt, text=preset["text"], vision=preset["vision"], tied=preset["tied"], dtype="float32")
+    ggufs = Gguf(llama, ckpt, work)
+    precisions = [p for p in PRECISIONS if p[2] is None or p[2] in QUANTIZATIONS]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; llama.cpp {llama}; preset {args.preset}")
+    if args.only != "whole":
+        decode(args, llama, ckpt, ggufs, precisions)
+    if args.only != "decode":
+        whole(args, llama, ckpt, ggufs, precisions)
+
+
+def decode(args, llama: Path, ckpt: Path, ggufs: Gguf, precisions) -> None:
+    width, height = map(int, args.decode_image.split("x"))
+    _, vis, ids = image_prompt(width, height)
+    checkpoint = open_checkpoint(ckpt)
+    models = {label: load_model(checkpoint, "cpu", getattr(torch, dtype), quantize=q)
+              for label, dtype, q, _, _ in precisions}
+    bandwidth = read_bandwidth()
+    best: dict[tuple[str, str], float] = {}
+    with torch.inference_mode():
+        for model in models.values():
+            ours_decode(model, ids, vis, 2)  # warm-up: kernels built, weights faulted in
+        for r in range(args.rounds):
+            for label, _, _, gtype, _ in precisions:
+                for who, rate in (("qwenvl", lambda: ours_decode(models[label], ids, vis, args.new_tokens)),
+                                  ("llama.cpp", lambda: llama_decode(llama, ggufs.text(gtype), len(ids),
+                                                                     args.new_tokens))):
+                    best[(label, who)] = max(best.get((label, who), 0.0), rate())
+            print(f"  decode round {r + 1}/{args.rounds} done", file=sys.stderr)
+    print(f"\ndecode after a {len(ids)}-token image prompt, {args.new_tokens} tokens, tokens/s (best of "
+          f"{args.rounds}); streaming read {bandwidth:.1f} GB/s")
+    print(f"{'precision':10s} {'qwenvl':>8s} {'llama.cpp':>10s} {'q / l':>7s} {'qwenvl MB/token':>16s} "
+          f"{'% of read':>10s}")
+    for label, _, _, gtype, _ in precisions:
+        ours, theirs = best[(label, "qwenvl")], best[(label, "llama.cpp")]
+        mb = step_bytes(models[label]) / 1e6
+        print(f"{label:6s}/{gtype:6s} {ours:7.1f} {theirs:10.1f} {ours / theirs:6.2f}x {mb:16.0f} "
+              f"{mb / 1e3 * ours / bandwidth:9.0%}")
+
+
+def whole(args, llama: Path, ckpt: Path, ggufs: Gguf, precisions) -> None:
+    import numpy as np
+    from PIL import Image
+
+    width, height = map(int, args.image.split("x"))
+    image = ckpt.parent / f"image-{width}x{height}.png"
+    if not image.exists():
+        pixels = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(image)
+    best: dict[tuple[str, str], tuple[float, str]] = {}
+
+    def keep(key, result):
+        if key not in best or result[0] < best[key][0]:
+            best[key] = result
+
+    for r in range(args.rounds):
+        for label, dtype, q, gtype, mtype in precisions:
+            keep((label, "qwenvl"), whole_ours(ckpt, image, dtype, q, args.new_tokens))
+            keep((label, "llama.cpp"), whole_llama(llama, ggufs.text(gtype), ggufs.mmproj(mtype), image,
+                                                   args.new_tokens))
+        print(f"  whole-job round {r + 1}/{args.rounds} done", file=sys.stderr)
+    print(f"\nwhole describe job: one process, a {width}x{height} image, {args.new_tokens} tokens, seconds (best of "
+          f"{args.rounds})")
+    print(f"{'precision':16s} {'qwenvl s':>9s} {'llama.cpp s':>12s} {'l / q':>7s}  details")
+    for label, _, _, gtype, mtype in precisions:
+        (ours, od), (theirs, td) = best[(label, "qwenvl")], best[(label, "llama.cpp")]
+        print(f"{label:5s} ({gtype}+{mtype}) {ours:8.1f} {theirs:12.1f} {theirs / ours:6.2f}x  qwenvl: {od}; "
+              f"llama.cpp: {td}")
+
+
+if __name__ == "__main__":
+    main()
