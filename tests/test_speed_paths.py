@@ -416,3 +416,15 @@ def test_tied_head_chunks_concatenate_to_one_matrix():
         torch.testing.assert_close(head(x), F.linear(x, table), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(head(x), head.reference(x), atol=1e-5, rtol=1e-5)
     assert torch.equal(head.dense_weight(), table)
+
+
+def test_fusable_takes_one_kind_and_one_int4_group():
+    from qwenvl_cli.model.quant import concat_linears, fusable, quantized_linear
+
+    int4 = [quantized_linear("int4", 128, 64, True, torch.float32) for _ in range(2)]
+    other_group = quantized_linear("int4", 96, 64, True, torch.float32)  # group 32
+    assert fusable(int4) and fusable([nn.Linear(8, 4), nn.Linear(8, 4)])
+    assert not fusable([int4[0], quantized_linear("int8", 128, 64, True, torch.float32)])
+    assert not fusable([int4[0], other_group])
+    with pytest.raises(TypeError, match="cannot fuse"):
+        concat_linears([nn.Linear(8, 4), PackedLinear.from_linear(nn.Linear(8, 4))])

@@ -219,35 +219,36 @@ def _concat_int4(parts: list[nn.Module]) -> nn.Module:
     return out
 
 
+def fusable(parts: list[nn.Module]) -> bool:
+    """Whether concat_linears can join `parts`: one kind among float nn.Linear, Int8Linear and Int4Linear,
+    and for int4 one group size."""
+    kinds = {type(p) for p in parts}
+    if len(kinds) != 1 or not kinds <= {nn.Linear, Int8Linear, Int4Linear}:
+        return False
+    return kinds != {Int4Linear} or len({p.group_size for p in parts}) == 1
+
+
 def concat_linears(parts: list[nn.Module]) -> nn.Module:
-    """One linear computing `parts` side by side (outputs concatenated in order): float nn.Linear,
-    Int8Linear (per-row scales concatenate exactly) or Int4Linear of one group size, all of one kind."""
-    if all(isinstance(p, Int4Linear) for p in parts) and len({p.group_size for p in parts}) == 1:
+    """One linear computing `parts` side by side (outputs concatenated in order), parts that are `fusable`:
+    float nn.Linear, Int8Linear (per-row scales concatenate exactly) or Int4Linear (repacked)."""
+    if not fusable(parts):
+        raise TypeError(f"cannot fuse {[type(p).__name__ for p in parts]}")
+    first = parts[0]
+    if isinstance(first, Int4Linear):
         return _concat_int4(parts)
-    if all(isinstance(p, Int8Linear) for p in parts):
-        first = parts[0]
+    if isinstance(first, Int8Linear):
         out = Int8Linear(first.in_features, sum(p.out_features for p in parts), first.bias is not None,
                          first.bias.dtype if first.bias is not None else torch.bfloat16, "meta")
         out.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
         out.scales = nn.Parameter(torch.cat([p.scales for p in parts]), requires_grad=False)
         out.bias = None if first.bias is None else nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
         return out
-    if not all(type(p) is nn.Linear for p in parts):
-        raise TypeError(f"cannot fuse {[type(p).__name__ for p in parts]}")
-    first = parts[0]
     weight = torch.cat([p.weight for p in parts])
     out = nn.Linear(first.in_features, weight.shape[0], bias=first.bias is not None, device="meta")
     out.weight = nn.Parameter(weight, requires_grad=False)
     if first.bias is not None:
         out.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
     return out
-
-
-def _fusable(parts: list[nn.Module]) -> bool:
-    kinds = {type(p) for p in parts}
-    if len(kinds) != 1:
-        return False
-    return kinds != {Int4Linear} or len({p.group_size for p in parts}) == 1
 
 
 def fuse_projections(model: nn.Module, on_fused=None) -> None:
@@ -260,7 +261,7 @@ def fuse_projections(model: nn.Module, on_fused=None) -> None:
         groups = ((attn, "qkv", ("q_proj", "k_proj", "v_proj")), (mlp, "gate_up", ("gate_proj", "up_proj")))
         for owner, fused, names in groups:
             parts = [getattr(owner, n) for n in names]
-            if not _fusable(parts):
+            if not fusable(parts):
                 continue  # e.g. int4 q beside int8 k/v (a shape int4 cannot take): kept as the checkpoint's
             setattr(owner, fused, concat_linears(parts))
             for n, part in zip(names, parts):
