@@ -15,12 +15,14 @@ Every figure is the best of --rounds: on a shared machine noise only adds time.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -32,6 +34,7 @@ from prompts import image_prompt  # noqa: E402
 from checkpoints import make_checkpoint  # noqa: E402
 
 from qwenvl_cli.generate import Generator, SamplingParams  # noqa: E402
+from qwenvl_cli.model import native  # noqa: E402
 from qwenvl_cli.model.loader import load_model, open_checkpoint  # noqa: E402
 from qwenvl_cli.model.quant import QUANTIZATIONS  # noqa: E402
 
@@ -142,6 +145,8 @@ def main() -> None:
     ap.add_argument("--decode-image", default="448x448", help="image of the decode prompt (sets the depth)")
     ap.add_argument("--image", default="1600x1146", help="image of the whole describe job")
     ap.add_argument("--only", choices=["decode", "whole"])
+    ap.add_argument("--torch-kernels", action="store_true",
+                    help="also time qwenvl's decode without the native kernels (torch's, as where none build)")
     args = ap.parse_args()
     llama = args.llama_cpp.expanduser().resolve()
     work = args.work.expanduser() / args.preset
@@ -159,33 +164,61 @@ def main() -> None:
         whole(args, llama, ckpt, ggufs, precisions)
 
 
+@contextmanager
+def torch_kernels():
+    """qwenvl as it runs where the native kernels cannot be built: oneDNN-packed floats, torch's int8."""
+    saved = native.status
+    native.status = lambda: native.Status(None, "torch's kernels (benchmark)")
+    try:
+        yield
+    finally:
+        native.status = saved
+
+
 def decode(args, llama: Path, ckpt: Path, ggufs: Gguf, precisions) -> None:
     width, height = map(int, args.decode_image.split("x"))
     _, vis, ids = image_prompt(width, height)
     checkpoint = open_checkpoint(ckpt)
-    models = {label: load_model(checkpoint, "cpu", getattr(torch, dtype), quantize=q)
-              for label, dtype, q, _, _ in precisions}
+    kinds = {"qwenvl": nullcontext}
+    if args.torch_kernels:
+        kinds["qwenvl, torch kernels"] = torch_kernels
+    models = {}
+    for who, context in kinds.items():
+        with context():
+            for label, dtype, q, _, _ in precisions:
+                models[label, who] = load_model(checkpoint, "cpu", getattr(torch, dtype), quantize=q)
     bandwidth = read_bandwidth()
     best: dict[tuple[str, str], float] = {}
+
+    def ours(label, who):
+        with kinds[who]():
+            return ours_decode(models[label, who], ids, vis, args.new_tokens)
+
     with torch.inference_mode():
-        for model in models.values():
-            ours_decode(model, ids, vis, 2)  # warm-up: kernels built, weights faulted in
+        for (label, who), model in models.items():
+            with kinds[who]():
+                ours_decode(model, ids, vis, 2)  # warm-up: kernels built, weights faulted in
         for r in range(args.rounds):
             for label, _, _, gtype, _ in precisions:
-                for who, rate in (("qwenvl", lambda: ours_decode(models[label], ids, vis, args.new_tokens)),
-                                  ("llama.cpp", lambda: llama_decode(llama, ggufs.text(gtype), len(ids),
-                                                                     args.new_tokens))):
+                runs = [(who, functools.partial(ours, label, who)) for who in kinds]
+                runs.append(("llama.cpp", lambda: llama_decode(llama, ggufs.text(gtype), len(ids), args.new_tokens)))
+                for who, rate in runs:
                     best[(label, who)] = max(best.get((label, who), 0.0), rate())
             print(f"  decode round {r + 1}/{args.rounds} done", file=sys.stderr)
     print(f"\ndecode after a {len(ids)}-token image prompt, {args.new_tokens} tokens, tokens/s (best of "
-          f"{args.rounds}); streaming read {bandwidth:.1f} GB/s")
-    print(f"{'precision':10s} {'qwenvl':>8s} {'llama.cpp':>10s} {'q / l':>7s} {'qwenvl MB/token':>16s} "
+          f"{args.rounds}); streaming read {bandwidth:.1f} GB/s; qwenvl on {native.status().reason}")
+    extra = f" {'torch kernels':>14s} {'t / l':>6s}" if args.torch_kernels else ""
+    print(f"{'precision':13s} {'qwenvl':>7s} {'llama.cpp':>10s} {'q / l':>6s}{extra} {'qwenvl MB/token':>16s} "
           f"{'% of read':>10s}")
     for label, _, _, gtype, _ in precisions:
-        ours, theirs = best[(label, "qwenvl")], best[(label, "llama.cpp")]
-        mb = step_bytes(models[label]) / 1e6
-        print(f"{label:6s}/{gtype:6s} {ours:7.1f} {theirs:10.1f} {ours / theirs:6.2f}x {mb:16.0f} "
-              f"{mb / 1e3 * ours / bandwidth:9.0%}")
+        q, theirs = best[(label, "qwenvl")], best[(label, "llama.cpp")]
+        mb = step_bytes(models[label, "qwenvl"]) / 1e6
+        extra = ""
+        if args.torch_kernels:
+            t = best[(label, "qwenvl, torch kernels")]
+            extra = f" {t:14.1f} {t / theirs:5.2f}x"
+        print(f"{label:6s}/{gtype:6s} {q:7.1f} {theirs:10.1f} {q / theirs:5.2f}x{extra} {mb:16.0f} "
+              f"{mb / 1e3 * q / bandwidth:9.0%}")
 
 
 def whole(args, llama: Path, ckpt: Path, ggufs: Gguf, precisions) -> None:

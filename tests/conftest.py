@@ -41,3 +41,20 @@ def canned(monkeypatch):
         return calls
 
     return install
+
+
+@pytest.fixture(params=["native", "torch"])
+def decode_kernels(request, monkeypatch):
+    """Each CPU decode backend in turn: the native kernels (skipped only where this machine cannot build
+    them, with the reason), then torch's (oneDNN-packed floats, torch's int8 kernel), forced by taking the
+    native ones away."""
+    from qwenvl_cli.model import native
+
+    if request.param == "torch":
+        monkeypatch.setattr(native, "status", lambda: native.Status(None, "torch's kernels (test)"))
+    elif native.kernels() is None:
+        status = native.status()
+        if status.broken and "no C compiler" not in status.reason:
+            pytest.fail(status.reason)  # a capable machine whose build or check failed
+        pytest.skip(f"native kernels unavailable here: {status.reason}")
+    return request.param

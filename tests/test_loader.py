@@ -13,6 +13,7 @@ from checkpoints import reference_model
 from qwenvl_cli.config import GenerationConfig, ModelConfig, PreprocessorConfig
 from qwenvl_cli.errors import ConfigError, ModelError
 from qwenvl_cli.model.loader import load_model, open_checkpoint
+from qwenvl_cli.model.quant import NativeLinear
 
 IDS = [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198, 9707, 0, 151645, 198]
 
@@ -38,9 +39,12 @@ VARIANTS = {
 def test_checkpoint_variants_load_to_transformers_logits(make_ckpt, variant):
     ours, ref, model = _text_logits_both(make_ckpt(**VARIANTS[variant]))
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
-    if VARIANTS[variant].get("tied"):  # one table: the head packed from it, the lookups in it as loaded
+    if VARIANTS[variant].get("tied"):  # one table for the head and the lookups
         assert torch.equal(model.lm_head.dense_weight(), model.model.embed_tokens.weight.float())
-        assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+        if isinstance(model.lm_head, NativeLinear):  # the head reads the (cast) table itself
+            assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        else:  # packed from it (TiedHead), the lookups in the table as loaded
+            assert model.model.embed_tokens.weight.dtype == torch.bfloat16
 
 
 def test_weights_are_cast_as_they_load(make_ckpt):

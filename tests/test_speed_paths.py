@@ -1,6 +1,6 @@
 """The CPU speed paths against their slow oracles: oneDNN-packed linears == plain F.linear, int8 linears ==
-dequantize-then-matmul, packed / quantized models against the plain float32 model on the tiny checkpoint,
-and the dtype policy with the CPU check injected."""
+dequantize-then-matmul, packed / native / quantized models against the plain float32 model on the tiny
+checkpoint, and the dtype policy with the CPU check injected."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from checkpoints import reference_model
 from qwenvl_cli.errors import ModelError
 from qwenvl_cli.generate import Generator, SamplingParams, reference_generate
 from qwenvl_cli.model.loader import cpu_has_native_bf16, explain_dtype, load_model, open_checkpoint, resolve_dtype
-from qwenvl_cli.model.quant import Int8Linear, PackedLinear, quantize_int8
+from qwenvl_cli.model.quant import Int8Linear, NativeLinear, PackedLinear, quantize_int8
 
 PROMPTS = [
     [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198, 9707, 0, 151645, 198],
@@ -73,16 +73,20 @@ def test_quantize_int8_rounds_to_the_nearest_step_of_each_row():
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])  # <= 16 rows: the int8 kernel; more: dequantize + GEMM
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_linear_fast_path_equals_dequantize_then_matmul(rows, dtype):
+def test_int8_linear_fast_path_equals_dequantize_then_matmul(rows, dtype, decode_kernels):
     lin = _linear(160, 96, True, seed=2)
     q = Int8Linear.from_float(lin.weight, lin.bias, dtype)
     x = torch.randn(1, rows, 96).to(dtype)
     with torch.inference_mode():
         fast = q(x)
-        # The fast path rounds activations to bfloat16 and returns through bfloat16: so does the oracle input.
-        oracle = q.reference(x.bfloat16().to(dtype))
+        if decode_kernels == "native" and rows == 1:  # float32 activations, one rounding to the output dtype
+            oracle = q.reference(x)
+            tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=2**-8)
+        else:  # torch's paths round activations to bfloat16 and return through bfloat16: so does the oracle input
+            oracle = q.reference(x.bfloat16().to(dtype))
+            tol = dict(atol=2e-2, rtol=1e-2)
     assert fast.shape == (1, rows, 160) and fast.dtype == dtype
-    torch.testing.assert_close(fast, oracle, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(fast, oracle, **tol)
     # ... and the quantized layer is within int8's error of the float one: < 2% of the output's scale.
     err = (q.reference(x.float()) - lin(x.float())).abs().max()
     assert err < 0.02 * lin(x.float()).abs().max()
@@ -98,11 +102,16 @@ def plain(ckpt):
     return load_model(ckpt, "cpu", torch.float32, pack=False)
 
 
-def test_cpu_load_packs_the_decoder_and_keeps_transformers_parity(ckpt, plain, make_ckpt):
+def _decode_linear(decode_kernels: str) -> type:
+    return NativeLinear if decode_kernels == "native" else PackedLinear
+
+
+def test_cpu_load_packs_the_decoder_and_keeps_transformers_parity(ckpt, plain, make_ckpt, decode_kernels):
     packed = load_model(ckpt, "cpu", torch.float32)
-    assert isinstance(packed.lm_head, PackedLinear)
+    fast = _decode_linear(decode_kernels)
+    assert isinstance(packed.lm_head, fast)
     layer = packed.model.layers[0]
-    assert isinstance(layer.self_attn.qkv, PackedLinear) and isinstance(layer.mlp.gate_up, PackedLinear)
+    assert isinstance(layer.self_attn.qkv, fast) and isinstance(layer.mlp.gate_up, fast)
     assert not hasattr(layer.self_attn, "q_proj") and not hasattr(layer.mlp, "up_proj")  # fused, not kept twice
     assert isinstance(packed.visual.blocks[0].attn.qkv, nn.Linear)  # the vision tower stays as it is
     assert packed.visual.blocks[0].mlp.gate_up is None
@@ -180,9 +189,9 @@ def test_int8_quantized_while_loading_keeps_the_strict_key_check(make_ckpt, tmp_
         load_model(open_checkpoint(path), quantize="int3")
 
 
-def test_bfloat16_packed_model_stays_close_to_float32(ckpt, plain):
+def test_bfloat16_packed_model_stays_close_to_float32(ckpt, plain, decode_kernels):
     bf16 = load_model(ckpt, "cpu", torch.bfloat16)
-    assert isinstance(bf16.lm_head, PackedLinear) and bf16.lm_head.weight.dtype == torch.bfloat16
+    assert isinstance(bf16.lm_head, _decode_linear(decode_kernels)) and bf16.lm_head.weight.dtype == torch.bfloat16
     for ids in PROMPTS[:3]:
         with torch.inference_mode():
             full, half = plain(plain.make_prompt(ids))[0, -1], bf16(bf16.make_prompt(ids))[0, -1]
@@ -273,7 +282,7 @@ def test_signed_sin_turns_rotate_half_into_a_roll():
     (torch.float32, None, True), (torch.float32, None, False), (torch.bfloat16, None, True),
     (torch.bfloat16, "int8", True), (torch.float32, "int8", False), (torch.bfloat16, "int4", True),
 ])
-def test_lean_decode_step_equals_the_cached_forward(ckpt, dtype, quantize, pack):
+def test_lean_decode_step_equals_the_cached_forward(ckpt, dtype, quantize, pack, decode_kernels):
     """TextModel.decode (one token, fewer ops) against forward with the same cache, step after step from a
     real prefill: identical bits, with fused (packed) and checkpoint (plain) projections."""
     from qwenvl_cli.model.rope import signed_sin
@@ -380,11 +389,14 @@ def test_greedy_argmax_is_torch_argmax_ties_and_nan_included(vocab):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tied_float_head_is_packed_apart_from_the_mapped_table(make_ckpt, dtype):
-    """Float on CPU: the tied head is a TiedHead (row chunks packed for oneDNN), the embeddings read the
-    checkpoint's own bfloat16 table (not a cast copy of it), and the model computes what the shared-table
-    oracle does: the same logits and the same greedy tokens."""
+def test_tied_float_head_is_packed_apart_from_the_mapped_table(make_ckpt, dtype, monkeypatch):
+    """Float on CPU without the native kernels: the tied head is a TiedHead (row chunks packed for oneDNN),
+    the embeddings read the checkpoint's own bfloat16 table (not a cast copy of it), and the model computes
+    what the shared-table oracle does: the same logits and the same greedy tokens."""
+    from qwenvl_cli.model import native
     from qwenvl_cli.model.quant import MappedEmbedding, TiedHead
+
+    monkeypatch.setattr(native, "status", lambda: native.Status(None, "torch's kernels (test)"))
 
     ckpt = open_checkpoint(make_ckpt(tied=True, dtype="bfloat16", shards=3))
     plain = load_model(ckpt, "cpu", dtype, pack=False)

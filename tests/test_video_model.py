@@ -207,10 +207,11 @@ def test_video_features_match_transformers_the_loop_oracle_and_chunking(setup):
     assert fast.shape == (3 * 10 + 2 * 6, engine.model.config.text.hidden_size)
     torch.testing.assert_close(fast, expected, atol=1e-4, rtol=0)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
-    # float32 matmuls of other row counts round differently (seen: 1.1e-6 on features of magnitude 2.7) ...
+    # float32 matmuls of other row counts round differently (seen: 1.1e-6 on features of magnitude 2.7, on
+    # Zen 4 and on Xeon cores alike, where MKL picks other kernels) ...
     for n, feats in chunked.items():
-        torch.testing.assert_close(feats, fast, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(slow_chunked, slow, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(feats, fast, atol=4e-6, rtol=1e-6)
+    torch.testing.assert_close(slow_chunked, slow, atol=4e-6, rtol=1e-6)
     # ... but the arithmetic is the same: in float64 chunks and one call agree to rounding (seen: 2e-15).
     wide = Qwen2_5_VL(engine.model.config)  # the same vision tower in float64 (the decoder is not used)
     wide.visual.load_state_dict(engine.model.visual.state_dict())

@@ -84,6 +84,10 @@ def load_engine(opts: Common, feedback: Feedback, log) -> tuple[Engine, str]:
     with feedback.status(f"Loading {ref}"):
         engine = Engine.load(ref, opts.device, opts.dtype, quantize=opts.quantize)
     how = engine.dtype_reason + (f"; decoder weights {opts.quantize}" if opts.quantize else "")
+    if engine.model.device.type == "cpu":
+        from qwenvl_cli.model import native
+
+        how += f"; decode on {native.status().reason}"
     log(f"loaded {ref} on {engine.model.device} ({how}) in {time.perf_counter() - t0:.1f}s")
     pre = engine.preprocessor
     lo, hi = opts.min_pixels or pre.min_pixels, opts.max_pixels or pre.max_pixels

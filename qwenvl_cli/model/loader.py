@@ -6,7 +6,8 @@ index, and tied embeddings (no `lm_head.weight`). Before anything is built, conf
 the tensor names and shapes in the shards' headers (layer counts, widths, vocabulary). Each tensor is
 cast and moved as it is read (safetensors maps the file: a tensor already in the wanted dtype is used in
 place, not copied), quantized as it is read under `quantize`, so the weights are never held twice. On
-CPU the decoder's float linears are then repacked for oneDNN (model/quant.py), one matrix at a time.
+CPU the decoder's float linears then go to the native decode kernels as they are (model/native), or, where
+those are missing, are repacked for oneDNN one matrix at a time (model/quant.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from qwenvl_cli.config import GenerationConfig, ModelConfig, PreprocessorConfig, read_json, show
 from qwenvl_cli.errors import ModelError
+from qwenvl_cli.model import native
 from qwenvl_cli.model.int4 import Int4Embedding
 from qwenvl_cli.model.quant import (
     QUANTIZATIONS,
@@ -211,15 +213,7 @@ def check_against_weights(path: Path, config: ModelConfig, held: dict[str, HeldT
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX-BF16 in /proc/cpuinfo (Linux): bfloat16 matmuls in hardware, so a bfloat16 model
     reads half the bytes per token at no compute cost. Elsewhere bfloat16 is emulated: stay in float32."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
+    return bool(native.cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def explain_dtype(dtype: str, device: torch.device, bf16_ok=None) -> tuple[torch.dtype, str]:
@@ -279,8 +273,9 @@ def load_model(
     untied LM head, quantized tensor by tensor as read (everything else in `dtype`); a tied head, the
     embedding table too, is quantized once after loading and serves the lookups from its own rows.
     quant.quantized_linear says which matrices int4 takes (the others are int8).
-    `pack` (default: on CPU) fuses each text layer's q/k/v and gate/up matrices and repacks the decoder's
-    float linears for oneDNN; pack=False keeps the checkpoint's plain nn.Linear modules (the slow oracle)."""
+    `pack` (default: on CPU) fuses each text layer's q/k/v and gate/up matrices and gives the decoder's
+    float linears their decode form (quant.pack_linears: NativeLinear, else oneDNN's PackedLinear);
+    pack=False keeps the checkpoint's plain nn.Linear modules (the slow oracle)."""
     from safetensors import SafetensorError, safe_open
 
     if quantize is not None and quantize not in QUANTIZATIONS:
@@ -291,7 +286,12 @@ def load_model(
     tied = ckpt.config.text.tie_word_embeddings
     pack = pack if pack is not None else device.type == "cpu"
     table_key = "model.embed_tokens.weight"
-    split_tied = tied and pack and not quantize and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+    kernels = native.kernels() if pack and device.type == "cpu" else None
+    # A tied float head on CPU: with the native kernels it reads the shared table itself (NativeLinear);
+    # without them it is packed apart from the table (TiedHead).
+    native_head = tied and not quantize and kernels is not None and kernels.supports(dtype)
+    split_tied = (tied and pack and not quantize and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+                  and not native_head)
     table: torch.Tensor | None = None
     expected = {name: p.shape for name, p in model.named_parameters()}
     if tied:
@@ -366,7 +366,7 @@ def load_model(
         model.lm_head.weight = model.model.embed_tokens.weight
     if pack:
         fuse_projections(model, on_fused=drop_pages)
-        fast = [name for name in decoder_linear_names(model) if name != "lm_head" or not tied]
+        fast = [name for name in decoder_linear_names(model) if name != "lm_head" or not tied or native_head]
         pack_linears(model, fast, on_packed=drop_pages)
     return model.eval().requires_grad_(False)
 

@@ -1,0 +1,189 @@
+"""The native decode kernels (gemv.c): built on first use with the system C compiler into a per-user cache,
+loaded with ctypes after torch (so their OpenMP threads are torch's), checked against torch on a small
+product before use. Anything missing (not x86-64 Linux with AVX-512, no compiler, a failed build or check,
+QWENVL_NATIVE=0) leaves `kernels()` None, with the reason in `status()`, and torch's kernels serve.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("gemv.c")
+ABI = 1  # qv_abi() of the source above; a library answering otherwise is rebuilt
+FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11")
+NEEDED = {"avx512f", "avx512bw", "avx512vl", "fma"}  # every kernel; bfloat16 also needs avx512_bf16
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+@dataclass(frozen=True)
+class Status:
+    kernels: Kernels | None
+    reason: str  # a phrase for --verbose: what serves the decode products and why
+    broken: bool = False  # the CPU can run them but the build, the load or the check failed
+
+
+class Kernels:
+    """Typed calls into the library. Every tensor is a contiguous CPU tensor; shapes in the comments."""
+
+    def __init__(self, lib: ctypes.CDLL, bf16: bool) -> None:
+        self.bf16 = bf16
+        self._f32 = lib.qv_gemv_f32
+        self._bf16 = lib.qv_gemv_bf16
+        self._int8 = lib.qv_gemv_int8
+        for fn, args in ((self._f32, 6), (self._bf16, 6), (self._int8, 7)):
+            fn.argtypes = [_P] * (args - 2) + [_I, _I]
+            fn.restype = None
+
+    def supports(self, dtype: torch.dtype) -> bool:
+        return dtype == torch.float32 or (dtype == torch.bfloat16 and self.bf16)
+
+    def gemv(self, weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """weight # (N, K), x # (K,), bias # (N,) or None, all float32 or all bfloat16 -> (N,)."""
+        n, k = weight.shape
+        y = torch.empty(n, dtype=weight.dtype)
+        fn = self._f32 if weight.dtype == torch.float32 else self._bf16
+        fn(weight.data_ptr(), x.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(), n, k)
+        return y
+
+    def gemv_int8(self, weight: torch.Tensor, scales: torch.Tensor, x: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+        """weight # (N, K) int8, scales # (N,) bfloat16, x # (K,) float32, bias # (N,) float32 or None
+        -> (N,) float32: (W x) * scales (+ bias)."""
+        n, k = weight.shape
+        y = torch.empty(n, dtype=torch.float32)
+        self._int8(weight.data_ptr(), scales.data_ptr(), x.data_ptr(),
+                   bias.data_ptr() if bias is not None else None, y.data_ptr(), n, k)
+        return y
+
+
+def kernels() -> Kernels | None:
+    return status().kernels
+
+
+@functools.cache
+def status() -> Status:
+    if os.environ.get("QWENVL_NATIVE", "1") == "0":
+        return Status(None, "torch's kernels (QWENVL_NATIVE=0)")
+    flags = cpu_flags()
+    if not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")) or not NEEDED <= flags:
+        return Status(None, "torch's kernels (the native ones need an x86-64 Linux CPU with AVX-512)")
+    try:
+        found = Kernels(_load(), bf16="avx512_bf16" in flags)
+        _check(found)
+    except (OSError, subprocess.SubprocessError, AttributeError, AssertionError) as exc:
+        return Status(None, f"torch's kernels (native ones unavailable: {_first_line(exc)})", broken=True)
+    return Status(found, "native AVX-512 kernels" + (" (bfloat16, float32, int8)" if found.bf16 else
+                                                      " (float32, int8)"))
+
+
+def cache_dir() -> Path:
+    """QWENVL_NATIVE_CACHE, else $XDG_CACHE_HOME/qwenvl/native (~/.cache/qwenvl/native)."""
+    if os.environ.get("QWENVL_NATIVE_CACHE"):
+        return Path(os.environ["QWENVL_NATIVE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "qwenvl" / "native"
+
+
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _load() -> ctypes.CDLL:
+    """The library, built again once if the cached file does not load (a truncated or foreign file)."""
+    path = _library()
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+        lib = ctypes.CDLL(str(_library()))
+    if lib.qv_abi() != ABI:
+        raise OSError(f"{path} answers ABI {lib.qv_abi()}, not {ABI}")
+    return lib
+
+
+def _library() -> Path:
+    """The built library for this source, compiler and flags: from the cache, else compiled into it (a
+    temporary file renamed into place, so concurrent first runs never load half a file)."""
+    cc = compiler()
+    if cc is None:
+        raise OSError("no C compiler (cc, gcc or clang; or set CC)")
+    resolved = shutil.which(cc) or cc
+    try:
+        stat = os.stat(resolved)
+    except OSError as exc:
+        raise OSError(f"C compiler {cc!r} not found") from exc
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), resolved.encode(),
+                                     f"{stat.st_size}:{stat.st_mtime_ns}".encode()])).hexdigest()[:16]
+    for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"qwenvl-native-{os.getuid()}"):
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not _owned(folder):
+                continue  # someone else's (or a shared, writable) folder: never load code from it
+        except OSError:
+            continue  # an unwritable cache: try the next place
+        target = folder / f"gemv-{key}.so"
+        if target.is_file():
+            return target
+        tmp = folder / f".gemv-{key}.{os.getpid()}.so"
+        run = subprocess.run([cc, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True,
+                             timeout=120)
+        if run.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise OSError(f"{Path(cc).name} failed: {_first_line(run.stderr or run.stdout) or run.returncode}")
+        os.replace(tmp, target)
+        for old in folder.glob("gemv-*.so"):  # builds of other sources or compilers
+            if old != target:
+                old.unlink(missing_ok=True)
+        return target
+    raise OSError(f"cannot write the kernel cache {cache_dir()}")
+
+
+def _owned(folder: Path) -> bool:
+    """The folder is this user's and nobody else may write to it."""
+    st = folder.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _check(found: Kernels) -> None:
+    """Each kernel against torch on awkward shapes (tails of rows and of K) before any model uses it."""
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((13, 83), (40, 200)):
+        w, x, b = (torch.randn(shape, generator=g) for shape in ((n, k), (k,), (n,)))
+        want = torch.addmv(b.double(), w.double(), x.double())
+        assert torch.allclose(found.gemv(w, x, b).double(), want, rtol=1e-5, atol=1e-5), "float32 check failed"
+        if found.bf16:
+            wb, xb, bb = w.bfloat16(), x.bfloat16(), b.bfloat16()
+            got = found.gemv(wb, xb, bb).double()
+            want = torch.addmv(bb.double(), wb.double(), xb.double())
+            assert torch.allclose(got, want, rtol=2**-7, atol=1e-2), "bfloat16 check failed"
+        q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        s = torch.rand(n, generator=g).bfloat16()
+        want = (q.double() @ x.double()) * s.double() + b.double()
+        assert torch.allclose(found.gemv_int8(q, s, x, b).double(), want, rtol=1e-5, atol=1e-4), "int8 check failed"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _first_line(thing) -> str:
+    return next((line.strip() for line in str(thing).splitlines() if line.strip()), "")

@@ -1,0 +1,217 @@
+"""The native decode kernels (model/native) against float64 products on awkward shapes, NativeLinear against
+F.linear, the model on them against the plain oracle, and the ways they go missing (no compiler, a failed
+build, a corrupt cache, QWENVL_NATIVE=0), each leaving torch's kernels in charge with a reason."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwenvl_cli.generate import Generator, SamplingParams, reference_generate
+from qwenvl_cli.model import native
+from qwenvl_cli.model.loader import load_model, open_checkpoint
+from qwenvl_cli.model.quant import NativeLinear, quantize_int8
+
+PROMPT = [151644, 872, 198, 3838, 374, 279, 6722, 315, 9625, 30, 151645, 198, 151644, 77091, 198]
+# Rows around the 8-row blocks, K around the 16/32/64-element vectors; the last shapes are big enough to
+# run on both threads.
+SHAPES = [(1, 1), (7, 15), (8, 16), (9, 17), (17, 31), (33, 64), (5, 100), (64, 2048), (1000, 160)]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The kernels; a skip only where the platform rules them out (no AVX-512, not Linux, no compiler):
+    a build or check that fails on a capable machine fails the tests."""
+    status = native.status()
+    if status.kernels is None:
+        if status.broken and "no C compiler" not in status.reason:
+            pytest.fail(status.reason)
+        pytest.skip(f"native kernels unavailable here: {status.reason}")
+    return status.kernels
+
+
+def _ulp_bf16(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of bfloat16 numbers at |x| (2^(e-7) for x in [2^e, 2^(e+1)))."""
+    return torch.exp2(torch.floor(torch.log2(x.abs().clamp(min=2**-100))) - 7)
+
+
+@pytest.mark.parametrize("n, k", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_float32_gemv_equals_the_float64_product(kernels, n, k, bias):
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    w, x, b = torch.randn(n, k, generator=g), torch.randn(k, generator=g), torch.randn(n, generator=g)
+    got = kernels.gemv(w, x, b if bias else None)
+    want = w.double() @ x.double() + (b.double() if bias else 0)
+    assert got.dtype == torch.float32 and got.shape == (n,)
+    # float32 sums: within a few ulps of the terms' magnitude
+    bound = 4 * k * 2**-24 * (w.double().abs() @ x.double().abs() + (b.double().abs() if bias else 0))
+    assert ((got.double() - want).abs() <= bound + 1e-30).all()
+
+
+@pytest.mark.parametrize("n, k", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_bfloat16_gemv_is_the_float32_sum_rounded_once(kernels, n, k, bias):
+    if not kernels.bf16:
+        pytest.skip("this CPU has no AVX512-BF16")
+    g = torch.Generator().manual_seed(n * 1000 + k + 1)
+    w, x, b = (torch.randn(s, generator=g).bfloat16() for s in ((n, k), (k,), (n,)))
+    got = kernels.gemv(w, x, b if bias else None)
+    want = w.double() @ x.double() + (b.double() if bias else 0)
+    assert got.dtype == torch.bfloat16 and got.shape == (n,)
+    sum_error = 4 * k * 2**-24 * (w.double().abs() @ x.double().abs() + (b.double().abs() if bias else 0))
+    # one rounding to bfloat16 (half an ulp) on top of the float32 sum's own error
+    assert ((got.double() - want).abs() <= _ulp_bf16(want) / 2 + sum_error + 1e-30).all()
+
+
+@pytest.mark.parametrize("n, k", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_gemv_applies_row_scales_and_bias_in_float32(kernels, n, k, bias):
+    g = torch.Generator().manual_seed(n * 1000 + k + 2)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    s = (torch.rand(n, generator=g) / 64).bfloat16()
+    x, b = torch.randn(k, generator=g), torch.randn(n, generator=g)
+    got = kernels.gemv_int8(q, s, x, b if bias else None)
+    want = (q.double() @ x.double()) * s.double() + (b.double() if bias else 0)
+    bound = 4 * k * 2**-24 * ((q.double().abs() @ x.double().abs()) * s.double() + (b.double().abs() if bias else 0))
+    assert got.dtype == torch.float32 and ((got.double() - want).abs() <= bound + 1e-30).all()
+
+
+def test_nan_and_infinity_reach_the_output(kernels):
+    w = torch.ones(9, 40)
+    x = torch.ones(40)
+    x[3] = float("nan")
+    assert kernels.gemv(w, x, None).isnan().all()
+    if kernels.bf16:
+        assert kernels.gemv(w.bfloat16(), x.bfloat16(), None).isnan().all()
+        big = torch.full((40,), 3e38).bfloat16()
+        assert kernels.gemv(w.bfloat16(), big, None).isinf().all()  # the bfloat16 rounding overflows to inf
+    assert kernels.gemv_int8(w.to(torch.int8), torch.ones(9).bfloat16(), x, None).isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 96), (1, 1, 96), (5, 96), (2, 3, 96)])
+def test_native_linear_equals_f_linear_and_keeps_the_weight_tensor(kernels, dtype, shape):
+    if not kernels.supports(dtype):
+        pytest.skip("this CPU has no AVX512-BF16")
+    torch.manual_seed(0)
+    w, b = torch.randn(200, 96).to(dtype), torch.randn(200).to(dtype)
+    lin = NativeLinear(w, b, kernels)
+    assert lin.weight.data_ptr() == w.data_ptr()  # as loaded: no copy
+    x = torch.randn(shape).to(dtype)
+    with torch.inference_mode():
+        got, want = lin(x), lin.reference(x)
+    assert got.shape == (*shape[:-1], 200) and got.dtype == dtype
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2**-7)
+    torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_model_on_native_kernels_generates_what_the_oracle_does(make_ckpt, kernels, dtype, quantize):
+    """Untied and tied (the head is the embedding table itself: one tensor) checkpoints: cached generation on
+    the native kernels gives the no-cache oracle's greedy tokens, and float32 logits match the plain model."""
+    for tied in (False, True):
+        ckpt = open_checkpoint(make_ckpt(tied=tied, dtype="bfloat16", shards=3) if tied else make_ckpt())
+        fast = load_model(ckpt, "cpu", dtype, quantize=quantize)
+        if quantize is None:
+            assert isinstance(fast.lm_head, NativeLinear)
+            assert isinstance(fast.model.layers[0].mlp.down_proj, NativeLinear)
+            if tied:
+                assert fast.lm_head.weight.data_ptr() == fast.model.embed_tokens.weight.data_ptr()
+        params = SamplingParams(max_new_tokens=8)
+        prompt = fast.make_prompt(PROMPT)
+        assert list(Generator(fast).stream(prompt, params)) == reference_generate(fast, prompt, params)
+        if dtype == torch.float32 and quantize is None:
+            plain = load_model(ckpt, "cpu", dtype, pack=False)
+            with torch.inference_mode():
+                from qwenvl_cli.model.rope import signed_sin
+                from qwenvl_cli.model.text import KVCache
+
+                caches = [KVCache.allocate(m.config.text, 1, prompt.length + 1, "cpu", dtype) for m in (fast, plain)]
+                cos, sin = fast.decode_tables(torch.arange(prompt.length, prompt.length + 1) + prompt.rope_delta)
+                steps = []
+                for model, cache in zip((fast, plain), caches):
+                    Generator(model).prefill(model.make_prompt(PROMPT), cache)
+                    token = torch.tensor([[9707]])
+                    steps.append(Generator(model).decode_step(token, prompt.length, cos, signed_sin(sin), cache))
+            torch.testing.assert_close(steps[0], steps[1], atol=1e-4, rtol=0)  # the parity standard
+
+
+def test_int8_native_path_matches_the_quantized_oracle(kernels):
+    """One row through Int8Linear on the native kernel against dequantize-then-matmul in float32."""
+    from qwenvl_cli.model.quant import Int8Linear
+
+    torch.manual_seed(3)
+    w, b = torch.randn(300, 256) / 16, torch.randn(300)
+    layer = Int8Linear.from_float(w, b, torch.float32)
+    x = torch.randn(1, 1, 256)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), layer.reference(x), atol=1e-5, rtol=1e-5)
+    q, s = quantize_int8(w)
+    assert torch.equal(layer.weight, q) and torch.equal(layer.scales, s)
+
+
+# ---- when the kernels are missing: each case in a fresh process with its own cache directory ----
+
+STATUS = """
+import torch
+from qwenvl_cli.model import native
+print(native.status().reason)
+"""
+
+
+def _status(tmp_path: Path, **env) -> str:
+    run = subprocess.run([sys.executable, "-c", STATUS], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "QWENVL_NATIVE_CACHE": str(tmp_path / "cache"), **env})
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip()
+
+
+def test_missing_compiler_failed_build_and_switch_leave_torch_in_charge(tmp_path, kernels):
+    assert _status(tmp_path, QWENVL_NATIVE="0") == "torch's kernels (QWENVL_NATIVE=0)"
+    reason = _status(tmp_path, CC=str(tmp_path / "no-such-cc"))
+    assert reason.startswith("torch's kernels (native ones unavailable:") and "no-such-cc" in reason
+    failing = tmp_path / "failing-cc"
+    failing.write_text("#!/bin/sh\necho 'gemv.c:1: error: this compiler is broken' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    reason = _status(tmp_path, CC=str(failing))
+    assert "failing-cc failed: gemv.c:1: error: this compiler is broken" in reason
+    assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-written left behind
+
+
+def test_library_is_built_once_and_a_corrupt_cache_is_rebuilt(tmp_path, kernels):
+    """A compiler wrapper counts its runs: the second process loads the cached library without compiling;
+    a cached file overwritten with garbage is compiled again and used."""
+    from qwenvl_cli.model.native import compiler
+
+    log = tmp_path / "runs.log"
+    cc = tmp_path / "counting-cc"
+    cc.write_text(f"#!/bin/sh\necho run >> {log}\nexec {compiler()} \"$@\"\n")
+    cc.chmod(0o755)
+    assert _status(tmp_path, CC=str(cc)).startswith("native AVX-512 kernels")
+    assert _status(tmp_path, CC=str(cc)).startswith("native AVX-512 kernels")
+    assert log.read_text().count("run") == 1
+    (built,) = (tmp_path / "cache").glob("gemv-*.so")
+    built.write_bytes(b"not an ELF file")
+    assert _status(tmp_path, CC=str(cc)).startswith("native AVX-512 kernels")
+    assert log.read_text().count("run") == 2
+
+
+def test_cli_verbose_names_the_decode_kernels(make_ckpt, tmp_path):
+    from typer.testing import CliRunner
+
+    from qwenvl_cli.cli import app
+
+    image = tmp_path / "tiny.png"
+    from PIL import Image
+
+    Image.new("RGB", (56, 56), (200, 30, 30)).save(image)
+    result = CliRunner().invoke(app, ["describe", str(image), "--model", str(make_ckpt()), "--max-new-tokens", "2",
+                                      "--verbose"])
+    assert result.exit_code == 0, result.output
+    assert native.status().reason in result.stderr
