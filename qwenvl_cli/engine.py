@@ -18,7 +18,7 @@ from qwenvl_cli.generate import Generator, SamplingParams, Step
 from qwenvl_cli.hub import resolve_model
 from qwenvl_cli.media.frames import ProcessedVideo
 from qwenvl_cli.media.image import ProcessedImage
-from qwenvl_cli.model.loader import Checkpoint, explain_dtype, load_model, open_checkpoint
+from qwenvl_cli.model.loader import Checkpoint, explain_dtype, explain_vision_dtype, load_model, open_checkpoint
 from qwenvl_cli.model.qwen2_5_vl import Prompt, Qwen2_5_VL, VisionInput
 from qwenvl_cli.prompts import DEFAULT_SYSTEM, ImagePart, TextPart, VideoPart, build_chat_ids
 from qwenvl_cli.tokenizer import StreamDecoder, Tokenizer
@@ -84,8 +84,9 @@ class Engine:
         # gained nothing (measured 0.67-0.77 s threaded vs 0.73-0.79 s serial, benchmarks/RESULTS.md), and
         # one started before `import torch` made the import longer by the whole parse (tokenizers 0.23).
         tokenizer = Tokenizer.from_dir(path)
-        model = load_model(ckpt, dev, torch_dtype, quantize=quantize)
-        return cls(model_ref, ckpt, model, tokenizer, reason)
+        vision_dtype, vision_reason = explain_vision_dtype(dtype, dev, torch_dtype)
+        model = load_model(ckpt, dev, torch_dtype, quantize=quantize, vision_dtype=vision_dtype)
+        return cls(model_ref, ckpt, model, tokenizer, reason + (f"; {vision_reason}" if vision_reason else ""))
 
     @property
     def preprocessor(self):

@@ -440,3 +440,76 @@ def test_fusable_takes_one_kind_and_one_int4_group():
     assert not fusable([int4[0], other_group])
     with pytest.raises(TypeError, match="cannot fuse"):
         concat_linears([nn.Linear(8, 4), PackedLinear.from_linear(nn.Linear(8, 4))])
+
+
+def test_bfloat16_matmuls_count_as_slow_only_on_intel_without_amx(monkeypatch):
+    from qwenvl_cli.model import loader, native
+
+    for vendor, flags, slow in [("GenuineIntel", {"avx512_bf16"}, True), ("GenuineIntel", {"avx512_bf16", "amx_bf16"}, False),
+                                ("AuthenticAMD", {"avx512_bf16"}, False), ("GenuineIntel", {"avx2"}, False)]:
+        monkeypatch.setattr(native, "cpu_vendor", lambda v=vendor: v)
+        monkeypatch.setattr(native, "cpu_flags", lambda f=flags: set(f))
+        assert loader.cpu_bf16_matmul_is_slow() is slow, (vendor, flags)
+
+
+def test_vision_tower_goes_float32_under_auto_where_bfloat16_matmuls_are_slow():
+    from qwenvl_cli.model.loader import explain_vision_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    dtype, reason = explain_vision_dtype("auto", cpu, torch.bfloat16, bf16_slow=lambda: True)
+    assert dtype == torch.float32 and "no faster on this CPU" in reason
+    assert explain_vision_dtype("auto", cpu, torch.bfloat16, bf16_slow=lambda: False) == (torch.bfloat16, "")
+    assert explain_vision_dtype("bfloat16", cpu, torch.bfloat16, bf16_slow=lambda: True) == (torch.bfloat16, "")  # as asked
+    assert explain_vision_dtype("auto", cpu, torch.float32, bf16_slow=lambda: True) == (torch.float32, "")
+    assert explain_vision_dtype("auto", cuda, torch.bfloat16, bf16_slow=lambda: True) == (torch.bfloat16, "")
+
+
+def test_engine_loads_a_float32_vision_tower_beside_a_bfloat16_decoder(make_ckpt, monkeypatch):
+    """Under auto on such a CPU: the tower's weights in float32, its features the float32 model's bit for bit
+    (same weights, same dtype), the decoder in bfloat16, and --verbose's reason says so."""
+    import numpy as np
+    from PIL import Image
+
+    from qwenvl_cli.engine import Engine
+    from qwenvl_cli.media.image import preprocess_image
+    from qwenvl_cli.model import loader
+    from qwenvl_cli.model.qwen2_5_vl import VisionInput
+
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(loader, "cpu_bf16_matmul_is_slow", lambda: True)
+    path = make_ckpt()
+    engine = Engine.load(str(path), "cpu", "auto")
+    model = engine.model
+    assert {p.dtype for p in model.visual.parameters()} == {torch.float32}
+    assert model.dtype == torch.bfloat16 and model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert "vision tower float32" in engine.dtype_reason
+    full = load_model(open_checkpoint(path), "cpu", torch.float32)
+    pixels = np.random.default_rng(0).integers(0, 255, (84, 112, 3), dtype=np.uint8)
+    image = preprocess_image(Image.fromarray(pixels), engine.preprocessor)
+    vis = VisionInput(image.pixel_values, (image.grid_thw,))
+    prompt = engine.prompt([image, "Describe."])
+    with torch.inference_mode():
+        assert torch.equal(model.vision_features(vis), full.vision_features(vis))
+        logits, want = model(prompt)[0, -1].float(), full(prompt)[0, -1]
+    assert F.cosine_similarity(logits, want, dim=0) > 0.99
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_upcast_prefill_computes_what_the_bfloat16_gemm_does(ckpt, quantize, decode_kernels):
+    """Long bfloat16 inputs as float32 GEMMs on upcast operands: the logits of the bfloat16 GEMMs to bfloat16
+    rounding (float weights: the same operands, sums in another order; int8/int4: weights dequantized to
+    float32 instead of bfloat16), and a one-row input still goes through the decode kernels. Where the
+    float weights are oneDNN-packed (no native kernels) they are not upcast."""
+    from qwenvl_cli.model.quant import _UPCAST_ROWS
+
+    ids = (PROMPTS[0] * 12)[: _UPCAST_ROWS + 40]  # a prompt long enough to upcast
+    models = [load_model(ckpt, "cpu", torch.bfloat16, quantize=quantize, upcast_prefill=flag) for flag in (False, True)]
+    takes = [getattr(m.model.layers[0].mlp.down_proj, "upcast", False) for m in models]
+    assert takes == [False, quantize is not None or decode_kernels == "native"]
+    with torch.inference_mode():
+        plain, upcast = (m(m.make_prompt(ids))[0].float() for m in models)
+        x = torch.randn(1, 1, models[1].config.text.hidden_size).bfloat16()
+        layer = models[1].model.layers[0].mlp.gate_up
+        assert torch.equal(layer(x), models[0].model.layers[0].mlp.gate_up(x))  # the decode step: untouched
+    assert (plain - upcast).abs().max() < 0.03 * plain.abs().max()
+    assert (plain.argmax(-1) == upcast.argmax(-1)).float().mean() > 0.9

@@ -219,7 +219,9 @@ class Int4Linear(nn.Module):
     """Weight-only int4 linear holding only the packed nibbles `weight` # (N, K/2) uint8 and the per-group
     bfloat16 `scales_and_zeros` # (K/group, N, 2); the bias stays in the model's dtype. Output in the
     input's dtype. The CPU kernel serves <= 128 rows; longer prefills, and any other device, dequantize to
-    a transient bfloat16 W^T and run a GEMM."""
+    a transient bfloat16 W^T and run a GEMM (float32 with `upcast`, see quant.NativeLinear)."""
+
+    upcast = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  group_size: int = 128, device=None) -> None:
@@ -253,6 +255,9 @@ class Int4Linear(nn.Module):
         self.scales_and_zeros = nn.Parameter(scales_and_zeros, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
+        if self.upcast and x.dtype == torch.bfloat16 and x.numel() > _INT4_KERNEL_ROWS * self.in_features:
+            w = self._dequantize_t(torch.float32).t()
+            return F.linear(x.float(), w, None if self.bias is None else self.bias.float()).to(x.dtype)
         rows = x.reshape(-1, x.shape[-1]).contiguous().to(torch.bfloat16)  # (rows, K): the kernel wants
         # contiguous bfloat16 activations (and bfloat16 scales)
         if rows.device.type == "cpu" and rows.shape[0] <= _INT4_KERNEL_ROWS:

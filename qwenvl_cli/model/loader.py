@@ -216,6 +216,27 @@ def cpu_has_native_bf16() -> bool:
     return bool(native.cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
+def cpu_bf16_matmul_is_slow() -> bool:
+    """bfloat16 matmuls no faster than float32 ones: Intel's AVX512-BF16 without AMX (Cooper Lake, or a
+    Sapphire/Emerald Rapids whose hypervisor hides AMX) issues one vdpbf16ps a cycle, the FLOPs of its two
+    float32 FMAs, and oneDNN's bfloat16 GEMM reaches 146-153 GFLOP/s there against 210-236 for float32
+    (2 Emerald Rapids cores, benchmarks/RESULTS.md). AMD's Zen 4 runs it at twice its float32 rate."""
+    flags = native.cpu_flags()
+    return native.cpu_vendor() == "GenuineIntel" and "avx512_bf16" in flags and "amx_bf16" not in flags
+
+
+def explain_vision_dtype(dtype: str, device: torch.device, text_dtype: torch.dtype,
+                         bf16_slow=None) -> tuple[torch.dtype, str]:
+    """The vision tower's dtype and why ("" when it is the text model's): under auto, float32 on CPUs whose
+    bfloat16 matmuls are no faster than float32 ones, where the compute-bound tower would only lose by
+    bfloat16 (the text model keeps bfloat16: decode is bound by the bytes it reads). Costs the tower's
+    weights twice the memory (0.67B parameters on every Qwen2.5-VL size). `bf16_slow()` is injectable."""
+    slow = bf16_slow or cpu_bf16_matmul_is_slow
+    if dtype == "auto" and device.type == "cpu" and text_dtype == torch.bfloat16 and slow():
+        return torch.float32, "vision tower float32: bfloat16 matmuls are no faster on this CPU (AVX512-BF16 without AMX)"
+    return text_dtype, ""
+
+
 def explain_dtype(dtype: str, device: torch.device, bf16_ok=None) -> tuple[torch.dtype, str]:
     """The dtype to load in and why (a phrase for --verbose). auto: bfloat16 where the device computes it
     natively (CUDA with bfloat16, CPUs with AVX512-BF16 or AMX), else float16 on older GPUs (T4, V100)
@@ -268,6 +289,8 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     quantize: str | None = None,
     pack: bool | None = None,
+    vision_dtype: torch.dtype | None = None,
+    upcast_prefill: bool | None = None,
 ) -> Qwen2_5_VL:
     """`quantize="int8"` / `"int4"`: weight-only int8 / groupwise int4 for the decoder's linears and an
     untied LM head, quantized tensor by tensor as read (everything else in `dtype`); a tied head, the
@@ -275,12 +298,19 @@ def load_model(
     quant.quantized_linear says which matrices int4 takes (the others are int8).
     `pack` (default: on CPU) fuses each text layer's q/k/v and gate/up matrices and gives the decoder's
     float linears their decode form (quant.pack_linears: NativeLinear, else oneDNN's PackedLinear);
-    pack=False keeps the checkpoint's plain nn.Linear modules (the slow oracle)."""
+    pack=False keeps the checkpoint's plain nn.Linear modules (the slow oracle). `vision_dtype` (default:
+    `dtype`) is the vision tower's (explain_vision_dtype). `upcast_prefill` (default: a bfloat16 model on a
+    CPU where cpu_bf16_matmul_is_slow) lets the decoder's fast linears compute long inputs as float32 GEMMs
+    on exactly upcast operands: the same products and float32 sums as a bfloat16 GEMM, rounded once to
+    bfloat16 alike, ~1.5x faster there."""
     from safetensors import SafetensorError, safe_open
 
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ModelError(f"unknown quantization {quantize!r} (choose {', '.join(QUANTIZATIONS)})")
     device = torch.device(device)
+    vision_dtype = vision_dtype or dtype
+    if upcast_prefill is None:
+        upcast_prefill = device.type == "cpu" and dtype == torch.bfloat16 and cpu_bf16_matmul_is_slow()
     with _meta_build():
         model = Qwen2_5_VL(ckpt.config)
     tied = ckpt.config.text.tie_word_embeddings
@@ -329,7 +359,7 @@ def load_model(
                             model.get_submodule(key.rpartition(".")[0]).set_weight(tensor.to(device))
                         drop_pages(tensor)
                     else:
-                        value = tensor.to(device=device, dtype=dtype)
+                        value = tensor.to(device=device, dtype=vision_dtype if key.startswith("visual.") else dtype)
                         _assign(model, key, value)
                         if value.data_ptr() != tensor.data_ptr():
                             drop_pages(tensor)  # cast or moved: the mapped file bytes are not needed again
@@ -368,6 +398,11 @@ def load_model(
         fuse_projections(model, on_fused=drop_pages)
         fast = [name for name in decoder_linear_names(model) if name != "lm_head" or not tied or native_head]
         pack_linears(model, fast, on_packed=drop_pages)
+    if upcast_prefill:
+        for name in decoder_linear_names(model):
+            module = model.get_submodule(name)
+            if hasattr(module, "upcast"):
+                module.upcast = True
     return model.eval().requires_grad_(False)
 
 

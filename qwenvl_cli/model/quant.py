@@ -33,6 +33,21 @@ _INT4_GROUPS = (128, 64, 32)
 _INT8_KERNEL_ROWS = 16
 
 
+# From this many rows on, a linear with `upcast` set computes a bfloat16 input as a float32 GEMM (see
+# loader.load_model's upcast_prefill): below it the weight's transient float32 copy costs more than it saves.
+_UPCAST_ROWS = 128
+
+
+def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear of bfloat16 x # (..., K) and a weight # (N, K) computed in float32 on exactly upcast
+    operands (products exact, float32 sums, as a bfloat16 GEMM has them), rounded once to x's dtype."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+def _upcasts(module: nn.Module, x: torch.Tensor) -> bool:
+    return module.upcast and x.dtype == torch.bfloat16 and x.numel() >= _UPCAST_ROWS * x.shape[-1]
+
+
 def _linear_rows(x: torch.Tensor) -> torch.Tensor:
     """(..., K) -> (rows, K), contiguous as the CPU kernels need."""
     return x.reshape(-1, x.shape[-1]).contiguous()
@@ -68,6 +83,8 @@ class NativeLinear(nn.Module):
     stays the file's mapped bytes: no copy, no repacking): one-row inputs, the decode step, go through the
     native matrix-vector kernel, any other through F.linear, which is also its oracle."""
 
+    upcast = False  # long bfloat16 inputs as float32 GEMMs (loader.load_model's upcast_prefill)
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels: native.Kernels) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -81,6 +98,8 @@ class NativeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
         if x.numel() != self.in_features or x.dtype != self.weight.dtype:
+            if _upcasts(self, x):
+                return upcast_linear(x, self.weight, self.bias)
             return F.linear(x, self.weight, self.bias)
         y = self.kernels.gemv(self.weight, x.reshape(-1).contiguous(), self.bias)
         return y.view(*x.shape[:-1], self.out_features)
@@ -160,6 +179,8 @@ class Int8Linear(nn.Module):
     """Weight-only int8 linear: int8 weight # (N, K) and one bfloat16 scale per output row; the bias stays
     in the model's dtype. Output in the input's dtype."""
 
+    upcast = False  # long bfloat16 inputs dequantized to float32 for a float32 GEMM (see NativeLinear)
+
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -192,6 +213,8 @@ class Int8Linear(nn.Module):
             bias = None if self.bias is None else self.bias.float()
             y = kernels.gemv_int8(self.weight, self.scales, x.reshape(-1).float().contiguous(), bias)
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        if _upcasts(self, x):
+            return upcast_linear(x, self.dequantize(torch.float32), self.bias)
         rows = _linear_rows(x).to(torch.bfloat16)
         if rows.device.type == "cpu" and rows.shape[0] <= _INT8_KERNEL_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)

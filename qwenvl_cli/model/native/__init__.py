@@ -175,14 +175,29 @@ def _check(found: Kernels) -> None:
 
 
 def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); empty elsewhere."""
+    return set(_cpu_info()[1])
+
+
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id (GenuineIntel, AuthenticAMD); empty elsewhere."""
+    return _cpu_info()[0]
+
+
+@functools.cache
+def _cpu_info() -> tuple[str, frozenset[str]]:
+    vendor, flags = "", frozenset()
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith("vendor_id") and not vendor:
+                    vendor = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = frozenset(line.split(":", 1)[1].split())
+                    break
     except OSError:
         pass
-    return set()
+    return vendor, flags
 
 
 def _first_line(thing) -> str:
