@@ -35,15 +35,19 @@ from checkpoints import make_checkpoint  # noqa: E402
 
 from qwenvl_cli.generate import Generator, SamplingParams  # noqa: E402
 from qwenvl_cli.model import native  # noqa: E402
-from qwenvl_cli.model.loader import load_model, open_checkpoint  # noqa: E402
+from qwenvl_cli.model.loader import load_model, open_checkpoint, resolve_dtype  # noqa: E402
 from qwenvl_cli.model.quant import QUANTIZATIONS  # noqa: E402
 
-# (label, qwenvl dtype, qwenvl --quantize, llama.cpp text GGUF type, llama.cpp mmproj type)
+# (label, qwenvl --dtype, qwenvl --quantize, llama.cpp text GGUF type, llama.cpp mmproj type). "auto" is
+# qwenvl's default: bfloat16 where the CPU computes it natively, the vision tower in float32 where bfloat16
+# matmuls are no faster (loader.explain_vision_dtype); it is timed on the whole job only (its decode is
+# the bf16 row's).
 PRECISIONS = [
     ("fp32", "float32", None, "f32", "f32"),
     ("bf16", "bfloat16", None, "bf16", "bf16"),
-    ("8-bit", "bfloat16", "int8", "Q8_0", "bf16"),
-    ("4-bit", "bfloat16", "int4", "Q4_K_M", "bf16"),
+    ("auto", "auto", None, "bf16", "bf16"),
+    ("8-bit", "auto", "int8", "Q8_0", "bf16"),
+    ("4-bit", "auto", "int4", "Q4_K_M", "bf16"),
 ]
 
 # Qwen's tokenizer is BPE: the converter tries a sentencepiece vocabulary first and falls back to BPE when
@@ -159,7 +163,7 @@ def main() -> None:
     precisions = [p for p in PRECISIONS if p[2] is None or p[2] in QUANTIZATIONS]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; llama.cpp {llama}; preset {args.preset}")
     if args.only != "whole":
-        decode(args, llama, ckpt, ggufs, precisions)
+        decode(args, llama, ckpt, ggufs, [p for p in precisions if p[0] != "auto"])
     if args.only != "decode":
         whole(args, llama, ckpt, ggufs, precisions)
 
@@ -186,7 +190,7 @@ def decode(args, llama: Path, ckpt: Path, ggufs: Gguf, precisions) -> None:
     for who, context in kinds.items():
         with context():
             for label, dtype, q, _, _ in precisions:
-                models[label, who] = load_model(checkpoint, "cpu", getattr(torch, dtype), quantize=q)
+                models[label, who] = load_model(checkpoint, "cpu", resolve_dtype(dtype, torch.device("cpu")), quantize=q)
     bandwidth = read_bandwidth()
     best: dict[tuple[str, str], float] = {}
 
