@@ -255,15 +255,15 @@ class Int4Linear(nn.Module):
         self.scales_and_zeros = nn.Parameter(scales_and_zeros, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
-        if self.upcast and x.dtype == torch.bfloat16 and x.numel() > _INT4_KERNEL_ROWS * self.in_features:
-            w = self._dequantize_t(torch.float32).t()
-            return F.linear(x.float(), w, None if self.bias is None else self.bias.float()).to(x.dtype)
         rows = x.reshape(-1, x.shape[-1]).contiguous().to(torch.bfloat16)  # (rows, K): the kernel wants
         # contiguous bfloat16 activations (and bfloat16 scales)
         if rows.device.type == "cpu" and rows.shape[0] <= _INT4_KERNEL_ROWS:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight, self.group_size, self.scales_and_zeros)
-        else:  # a long prefill, or a device without the CPU kernel: one transient bfloat16 copy of W^T
-            y = F.linear(rows, self._dequantize_t(torch.bfloat16).t())
+        else:  # a long prefill, or a device without the CPU kernel: one transient copy of W^T, in float32
+            # on exactly upcast bfloat16 activations under `upcast`, else in bfloat16
+            upcast = self.upcast and x.dtype == torch.bfloat16 and rows.shape[0] > _INT4_KERNEL_ROWS
+            compute = torch.float32 if upcast else torch.bfloat16
+            y = F.linear(rows.to(compute), self._dequantize_t(compute).t())
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
