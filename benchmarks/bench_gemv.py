@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from qwenvl_cli.model import native
+from qwenvl_cli.model.int4 import NATIVE_LAYOUT, cpu_int4_layout
 
 SHAPES = {
     "151936x512": (151936, 512),  # LM head of the issue's 228M checkpoint
@@ -24,7 +28,18 @@ SHAPES = {
     "11008x2048": (11008, 2048),  # 3B gate_proj / up_proj
     "2048x2048": (2048, 2048),  # 3B q_proj / o_proj
 }
-POOL_BYTES = 256 << 20  # rotate through at least this many weight bytes (L3 is 32 MiB here)
+
+
+def l3_bytes() -> int:
+    """The last-level cache's size from sysfs (32 MiB on the Zen 4 box, 480 MiB on an AMX Xeon one)."""
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        return int(text[:-1]) << {"K": 10, "M": 20}[text[-1]]
+    except (OSError, ValueError, KeyError):
+        return 32 << 20
+
+
+POOL_BYTES = max(256 << 20, 2 * l3_bytes())  # rotate through at least this many weight bytes
 
 
 def best_time(fn, pool: int, repeat: int) -> float:
@@ -69,6 +84,9 @@ def candidates(n: int, k: int, count: int, do_compile: bool, group: int):
     yield "mkl packed fp32", 4 * n * k, [
         torch.ops.mkl._mkl_reorder_linear_weight(w, 1) for w in base
     ], lambda ws, i, origin=base: torch.ops.mkl._mkl_linear(x32, ws[i], origin[i], None, 1)
+    kernels = native.kernels()
+    if kernels is not None:
+        yield "native fp32", 4 * n * k, base, lambda ws, i: kernels.gemv(ws[i], x32[0], None)
     yield "oneDNN prepacked fp32", 4 * n * k, [
         torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in base
     ], lambda ws, i: torch.ops.mkldnn._linear_pointwise(x32, ws[i], None, "none", [], "")
@@ -81,6 +99,8 @@ def candidates(n: int, k: int, count: int, do_compile: bool, group: int):
     yield "oneDNN prepacked bf16", 2 * n * k, [
         torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in bf
     ], lambda ws, i: torch.ops.mkldnn._linear_pointwise(x16, ws[i], None, "none", [], "")
+    if kernels is not None and kernels.bf16:
+        yield "native bf16", 2 * n * k, bf, lambda ws, i: kernels.gemv(ws[i], x16[0], None)
     halves = [(w[: n // 2], w[n // 2 :]) for w in bf]
 
     def split(ws, i):
@@ -105,6 +125,8 @@ def candidates(n: int, k: int, count: int, do_compile: bool, group: int):
     q8b = [(q, s.bfloat16()) for q, s in q8]
     yield "int8 _weight_int8pack_mm bf16 x", n * k + 2 * n, q8b, \
         lambda ws, i: torch.ops.aten._weight_int8pack_mm(x16, ws[i][0], ws[i][1])
+    if kernels is not None:
+        yield "native int8 fp32 x", n * k + 2 * n, q8b, lambda ws, i: kernels.gemv_int8(ws[i][0], ws[i][1], x32[0], None)
     del q8, q8b
     q4 = [quantize_int4(w.float(), group) for w in bf]
     del bf
@@ -113,6 +135,9 @@ def candidates(n: int, k: int, count: int, do_compile: bool, group: int):
     q4b = [(p, sz.bfloat16()) for p, sz in q4]
     yield f"int4 _weight_int4pack_mm g{group} bf16 x", n * k // 2 + 4 * n * k // group, q4b, \
         lambda ws, i: torch.ops.aten._weight_int4pack_mm_for_cpu(x16, ws[i][0], group, ws[i][1])
+    if kernels is not None and kernels.int4 and cpu_int4_layout() == NATIVE_LAYOUT:
+        yield f"native int4 g{group} bf16 x", n * k // 2 + 4 * n * k // group, q4b, \
+            lambda ws, i: kernels.gemv_int4(ws[i][0], ws[i][1], x16[0], None, group)
 
 
 def main() -> None:
@@ -127,7 +152,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}")
+          f"{torch.backends.cpu.get_cpu_capability()}; weights rotate through {POOL_BYTES >> 20} MiB; "
+          f"{native.status().reason}")
     with torch.inference_mode():
         for shape in args.shapes:
             n, k = SHAPES[shape]

@@ -111,7 +111,7 @@ def test_native_linear_equals_f_linear_and_keeps_the_weight_tensor(kernels, dtyp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_model_on_native_kernels_generates_what_the_oracle_does(make_ckpt, kernels, dtype, quantize):
     """Untied and tied (the head is the embedding table itself: one tensor) checkpoints: cached generation on
     the native kernels gives the no-cache oracle's greedy tokens, and float32 logits match the plain model."""
@@ -154,6 +154,113 @@ def test_int8_native_path_matches_the_quantized_oracle(kernels):
         torch.testing.assert_close(layer(x), layer.reference(x), atol=1e-5, rtol=1e-5)
     q, s = quantize_int8(w)
     assert torch.equal(layer.weight, q) and torch.equal(layer.scales, s)
+
+
+# int4 (N, K, group): a tail block only, one block, a block and a tail, several blocks, and shapes big enough
+# to run on both threads; groups of 32 to 256.
+INT4_SHAPES = [(16, 64, 32), (64, 32, 32), (80, 96, 32), (208, 256, 128), (1024, 512, 128), (3072, 512, 256),
+               (960, 1024, 64)]
+
+
+def _int4_kernels(kernels):
+    if not kernels.int4:
+        pytest.skip("this CPU has no AVX512-BF16 with AVX512-VBMI")
+    return kernels
+
+
+@pytest.mark.parametrize("n, k, group", INT4_SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_int4_gemv_is_exact_where_every_sum_is(kernels, n, k, group, bias):
+    """Integer activations (each group's int16 form is then exact), power-of-two scales and zeros on a 1/4
+    grid: every product and partial sum of the kernel is a float32 number, so its result equals the float64
+    product of the dequantized weights bit for bit, whatever the order of summation; a nibble read from the
+    wrong row, k or half, or a scale from the wrong group, shows."""
+    kernels = _int4_kernels(kernels)
+    g = torch.Generator().manual_seed(n + k + group)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scale = torch.exp2(torch.randint(-2, 2, (k // group, n), generator=g).double())
+    zero = torch.randint(-32, 33, (k // group, n), generator=g).double() / 4
+    sz = torch.stack((scale, zero), 2).bfloat16()
+    x = torch.randint(-4, 5, (k,), generator=g).float()
+    b = torch.randint(-64, 65, (n,), generator=g).float() / 8
+    w = (q.double() - 8) * scale.repeat_interleave(group, 0).t() + zero.repeat_interleave(group, 0).t()
+    want = w @ x.double() + (b.double() if bias else 0)
+    got = kernels.gemv_int4(native.pack_int4_avx512(q), sz, x, b if bias else None, group)
+    assert got.dtype == torch.float32 and got.shape == (n,)
+    assert torch.equal(got.double(), want)
+
+
+@pytest.mark.parametrize("n, k, group", INT4_SHAPES)
+def test_int4_gemv_on_real_values_is_within_its_activation_rounding(kernels, n, k, group):
+    """Random values, as a checkpoint has them: within the int16 rounding of each group of x (half a step
+    of 2^-14 of the group's largest |x| at most, times the weights) and float32 summation error of the
+    float64 product."""
+    kernels = _int4_kernels(kernels)
+    g = torch.Generator().manual_seed(7 * n + k)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    sz = torch.stack((torch.rand(k // group, n, generator=g) / 50, torch.randn(k // group, n, generator=g) / 10),
+                     2).bfloat16()
+    x = torch.randn(k, generator=g) * torch.exp2(torch.randint(-6, 6, (k,), generator=g).float())
+    scale, zero = sz.double().repeat_interleave(group, 0).unbind(2)
+    w = (q.double() - 8) * scale.t() + zero.t()
+    got = kernels.gemv_int4(native.pack_int4_avx512(q), sz, x, None, group).double()
+    step = x.double().abs().view(-1, group).amax(1).repeat_interleave(group) * 2**-14  # per k, at most
+    bound = w.abs() @ (step / 2) + 4 * (group + k // group) * 2**-24 * ((w.abs() + 16 * scale.t()) @ x.double().abs())
+    error = (got - w @ x.double()).abs()
+    assert (error <= bound).all()
+    assert error.max() > 0  # not exact: the bound is what is tested
+
+
+def test_int4_gemv_answers_nan_for_a_non_finite_activation_and_rejects_other_dtypes(kernels):
+    kernels = _int4_kernels(kernels)
+    q, sz = torch.zeros(64, 64, dtype=torch.uint8), torch.ones(2, 64, 2).bfloat16()
+    for bad in (float("nan"), float("inf")):
+        x = torch.ones(64)
+        x[5] = bad
+        assert kernels.gemv_int4(native.pack_int4_avx512(q), sz, x, None, 32).isnan().all()
+    with pytest.raises(ValueError, match="x"):
+        kernels.gemv_int4(native.pack_int4_avx512(q), sz, torch.ones(64).bfloat16(), None, 32)
+
+
+def test_int4_pack_spelled_out_is_torchs(kernels):
+    """native.pack_int4_avx512 (the layout gemv.c reads) against torch's packer, where this process packs
+    to that layout (torch's AVX-512 build)."""
+    from qwenvl_cli.model.int4 import NATIVE_LAYOUT, cpu_int4_layout, pack_int4
+
+    if cpu_int4_layout() != NATIVE_LAYOUT:
+        pytest.skip(f"torch packs int4 as {cpu_int4_layout()} here")
+    q = torch.randint(0, 16, (176, 256), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    assert torch.equal(native.pack_int4_avx512(q), pack_int4(q))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_native_path_matches_the_quantized_oracle(kernels, dtype):
+    """One row through Int4Linear on the native kernel against dequantize-then-matmul in float32, within the
+    kernel's int16 rounding of the activations; more rows go to torch's kernel."""
+    from qwenvl_cli.model.int4 import NATIVE_LAYOUT, Int4Linear
+
+    _int4_kernels(kernels)
+    torch.manual_seed(4)
+    w, b = torch.randn(320, 256) / 16, torch.randn(320)
+    layer = Int4Linear.from_float(w, b, dtype)
+    if layer.layout != NATIVE_LAYOUT:
+        pytest.skip(f"torch packs int4 as {layer.layout} here")
+    x = torch.randn(1, 1, 256).to(dtype)
+    with torch.inference_mode():
+        got, want = layer(x), layer.reference(x)
+    assert got.dtype == dtype and got.shape == (1, 1, 320)
+    tol = dict(atol=2e-3, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2**-7)
+    torch.testing.assert_close(got, want, **tol)
+    calls = []
+    real = kernels.gemv_int4
+    kernels.gemv_int4 = lambda *a: calls.append(1) or real(*a)
+    try:
+        with torch.inference_mode():
+            layer(x)
+            layer(torch.randn(2, 256).to(dtype))
+    finally:
+        del kernels.gemv_int4
+    assert calls == [1]
 
 
 # ---- when the kernels are missing: each case in a fresh process with its own cache directory ----

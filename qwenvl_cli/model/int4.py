@@ -1,7 +1,8 @@
 """Weight-only int4 linear (`Int4Linear`) on torch's CPU int4 kernel, beside its float32 oracle: groupwise
 4-bit quantization (`quantize_int4`), packing into the kernel's nibble layout (`pack_int4`) and a decoder
 of that layout in plain torch ops (`unpack_int4`), so prefill and other devices dequantize the one packed
-copy instead of holding the weights twice.
+copy instead of holding the weights twice. The one-row decode product runs in the native kernel
+(model/native, `gemv_int4`) where it reads this process's layout, else in torch's.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from qwenvl_cli.model import native
 
 
 GROUP_SIZES = (32, 64, 128, 256)  # the ones `_weight_int4pack_mm_for_cpu` accepts
@@ -42,6 +45,7 @@ class Int4Layout:
 
 # The kernel's builds as of torch 2.13: AVX512 (64, True), AVX2 (32, True), no SIMD (32, False).
 _CANDIDATE_LAYOUTS = (Int4Layout(64, True), Int4Layout(32, True), Int4Layout(32, False))
+NATIVE_LAYOUT = Int4Layout(64, True)  # the one native.Kernels.gemv_int4 reads (the AVX-512 build's)
 
 
 def check_int4_shape(n: int, k: int, group_size: int) -> None:
@@ -255,7 +259,14 @@ class Int4Linear(nn.Module):
         self.scales_and_zeros = nn.Parameter(scales_and_zeros, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
-        rows = x.reshape(-1, x.shape[-1]).contiguous().to(torch.bfloat16)  # (rows, K): the kernel wants
+        kernels = native.kernels() if x.device.type == "cpu" and x.numel() == self.in_features else None
+        if kernels is not None and kernels.int4 and self.layout == NATIVE_LAYOUT:  # the decode step: float32
+            # activations (the kernel takes each group of them as int16 itself), the bias added in float32
+            bias = None if self.bias is None else self.bias.float()
+            y = kernels.gemv_int4(self.weight, self.scales_and_zeros, x.reshape(-1).float().contiguous(), bias,
+                                  self.group_size)
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        rows = x.reshape(-1, x.shape[-1]).contiguous().to(torch.bfloat16)  # (rows, K): torch's kernel wants
         # contiguous bfloat16 activations (and bfloat16 scales)
         if rows.device.type == "cpu" and rows.shape[0] <= _INT4_KERNEL_ROWS:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight, self.group_size, self.scales_and_zeros)

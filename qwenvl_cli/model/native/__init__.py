@@ -22,7 +22,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("gemv.c")
 ABI = 1  # qv_abi() of the source above; a library answering otherwise is rebuilt
-FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11")
+FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11", "-lm")
 NEEDED = {"avx512f", "avx512bw", "avx512vl", "fma"}  # every kernel; bfloat16 also needs avx512_bf16
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
@@ -37,14 +37,18 @@ class Status:
 class Kernels:
     """Typed calls into the library. Every tensor is a contiguous CPU tensor; shapes in the comments."""
 
-    def __init__(self, lib: ctypes.CDLL, bf16: bool) -> None:
+    def __init__(self, lib: ctypes.CDLL, bf16: bool, int4: bool) -> None:
         self.bf16 = bf16
+        self.int4 = int4  # needs AVX512-VBMI and AVX512-VNNI as well
         self._f32 = lib.qv_gemv_f32
         self._bf16 = lib.qv_gemv_bf16
         self._int8 = lib.qv_gemv_int8
+        self._int4 = lib.qv_gemv_int4
         for fn, args in ((self._f32, 6), (self._bf16, 6), (self._int8, 7)):
             fn.argtypes = [_P] * (args - 2) + [_I, _I]
             fn.restype = None
+        self._int4.argtypes = [_P] * 5 + [_I, _I, _I]
+        self._int4.restype = None
 
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype == torch.float32 or (dtype == torch.bfloat16 and self.bf16)
@@ -67,6 +71,24 @@ class Kernels:
                    bias.data_ptr() if bias is not None else None, y.data_ptr(), n, k)
         return y
 
+    def gemv_int4(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, x: torch.Tensor,
+                  bias: torch.Tensor | None, group: int) -> torch.Tensor:
+        """packed # (N, K/2) uint8 in torch's AVX-512 int4 pack (row blocks of 64, see gemv.c and
+        model/int4.py), scales_and_zeros # (K/group, N, 2) bfloat16, x # (K,) float32, bias # (N,)
+        float32 or None -> (N,) float32: sum_k ((q - 8) * scale + zero) * x (+ bias), N % 16 == 0, with
+        each group of x taken as int16 times a power of two (gemv.c: exact for bfloat16 values within 2^7 of
+        the group's largest, else off by at most 2^-15 of it)."""
+        n, k = packed.shape[0], packed.shape[1] * 2
+        if (n % 16 or k % group or group % 2 or scales_and_zeros.shape != (k // group, n, 2)
+                or x.shape != (k,) or x.dtype != torch.float32 or packed.dtype != torch.uint8
+                or scales_and_zeros.dtype != torch.bfloat16):
+            raise ValueError(f"int4 kernel: a {n}x{k} {packed.dtype} pack in groups of {group}, scales "
+                             f"{tuple(scales_and_zeros.shape)} {scales_and_zeros.dtype}, x {tuple(x.shape)} {x.dtype}")
+        y = torch.empty(n, dtype=torch.float32)
+        self._int4(packed.data_ptr(), scales_and_zeros.data_ptr(), x.data_ptr(),
+                   bias.data_ptr() if bias is not None else None, y.data_ptr(), n, k, group)
+        return y
+
 
 def kernels() -> Kernels | None:
     return status().kernels
@@ -80,12 +102,13 @@ def status() -> Status:
     if not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")) or not NEEDED <= flags:
         return Status(None, "torch's kernels (the native ones need an x86-64 Linux CPU with AVX-512)")
     try:
-        found = Kernels(_load(), bf16="avx512_bf16" in flags)
+        bf16 = "avx512_bf16" in flags
+        found = Kernels(_load(), bf16=bf16, int4={"avx512vbmi", "avx512_vnni"} <= flags)
         _check(found)
     except (OSError, subprocess.SubprocessError, AttributeError, AssertionError) as exc:
         return Status(None, f"torch's kernels (native ones unavailable: {_first_line(exc)})", broken=True)
-    return Status(found, "native AVX-512 kernels" + (" (bfloat16, float32, int8)" if found.bf16 else
-                                                      " (float32, int8)"))
+    kinds = ["bfloat16"] * found.bf16 + ["float32", "int8"] + ["int4"] * found.int4
+    return Status(found, f"native AVX-512 kernels ({', '.join(kinds)})")
 
 
 def cache_dir() -> Path:
@@ -172,6 +195,28 @@ def _check(found: Kernels) -> None:
         s = torch.rand(n, generator=g).bfloat16()
         want = (q.double() @ x.double()) * s.double() + b.double()
         assert torch.allclose(found.gemv_int8(q, s, x, b).double(), want, rtol=1e-5, atol=1e-4), "int8 check failed"
+    if found.int4:  # 80 rows: one block of 64 and a tail of 16; groups of 32
+        n, k, group = 80, 96, 32
+        q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+        sz = torch.randn(k // group, n, 2, generator=g).bfloat16()
+        x, b = torch.randn(k, generator=g), torch.randn(n, generator=g)
+        scale, zero = sz.double().repeat_interleave(group, 0).unbind(2)  # (K, N) each
+        want = ((q.double() - 8) * scale.t() + zero.t()) @ x.double() + b.double()
+        got = found.gemv_int4(pack_int4_avx512(q), sz, x, b, group).double()
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-2), "int4 check failed"
+
+
+def pack_int4_avx512(q: torch.Tensor) -> torch.Tensor:
+    """q # (N, K) uint8 in [0, 15] -> (N, K/2) uint8 in torch's AVX-512 int4 pack, spelled out (gemv.c
+    says the layout; model/int4.py packs with torch's own op): blocks of 64 rows, k-major, byte j = row j
+    | row j + 32 << 4; a tail of N % 64 rows pairs rows 2j | 2j + 1 << 4."""
+    n, k = q.shape
+    full = n // 64 * 64
+    blocks = q[:full].view(-1, 2, 32, k)  # (B, half, j, K)
+    head = (blocks[:, 0] | blocks[:, 1] << 4).transpose(1, 2).reshape(full, k // 2)
+    tail = q[full:].view(-1, 2, k)  # (T/2, pair, K)
+    rest = (tail[:, 0] | tail[:, 1] << 4).t().reshape(n - full, k // 2)
+    return torch.cat([head, rest]).contiguous()
 
 
 def cpu_flags() -> set[str]:

@@ -12,7 +12,9 @@
  * (tests/test_native.py). Built by qwenvl_cli/model/native/__init__.py, which also says when it is used.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define ROWS 8
@@ -192,4 +194,144 @@ F32_TARGET void qv_gemv_int8(const int8_t *w, const uint16_t *scales, const floa
             y[n0 + r] = bias ? v + bias[n0 + r] : v;
         }
     }
+}
+
+/* ---- int4 in torch's CPU pack (_convert_weight_to_int4pack_for_cpu, its AVX-512 layout), groupwise
+ * (scale, zero) in bfloat16: w[n, k] = (q - 8) * scale + zero, g = k / group; float32 activations ----
+ *
+ * The pack: rows in blocks of 64, each block k-major, 32 bytes a k: byte j holds row j (low nibble) and
+ * row j + 32 (high). A last block of N % 64 rows (a multiple of 16) holds (N % 64) / 2 bytes a k, byte j
+ * rows 2j (low) and 2j + 1 (high). model/int4.py decodes the same layout in torch ops (the oracle).
+ *
+ * Activations: each group of x as int16 times a power of two (2^e, the largest |x| of the group at
+ * 2^14..2^15 - 1), so every bfloat16 value within 2^7 of the group's largest is exact and the rest are
+ * off by at most 2^(e-1). Then the sums are integers: one vpermb a 16 rows spreads the nibbles of two
+ * consecutive k into (q[n, k], q[n, k + 1]) word pairs, vpdpwssd multiplies them by (xq[k], xq[k + 1])
+ * and adds into int32 lanes (exact: |sum| < 15 * 2^15 * 256). vdpbf16ps and float32 FMAs would do the same
+ * work at half the rate on Intel cores, where they cost two FMA slots or more uops (gemv.c's history).
+ * Per group: y += scale * 2^e * S + (zero - 8 * scale) * 2^e * X, S the group's sum, X that of xq. */
+
+#define INT4_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")))
+#define INT4_BLOCK 64
+
+/* vpermb indices: dword r of permute h (rows 16h + r of a half) takes byte 16h + r (k) and byte
+ * 32 + 16h + r (k + 1) into its two words; the other bytes are masked to zero. */
+static const uint8_t INT4_SPREAD[2][64] = {
+    {0, 0, 32, 0, 1, 0, 33, 0, 2, 0, 34, 0, 3, 0, 35, 0, 4, 0, 36, 0, 5, 0, 37, 0, 6, 0, 38, 0, 7, 0, 39, 0, 8, 0, 40, 0, 9, 0, 41, 0, 10, 0, 42, 0, 11, 0, 43, 0, 12, 0, 44, 0, 13, 0, 45, 0, 14, 0, 46, 0, 15, 0, 47, 0},
+    {16, 0, 48, 0, 17, 0, 49, 0, 18, 0, 50, 0, 19, 0, 51, 0, 20, 0, 52, 0, 21, 0, 53, 0, 22, 0, 54, 0, 23, 0, 55, 0, 24, 0, 56, 0, 25, 0, 57, 0, 26, 0, 58, 0, 27, 0, 59, 0, 28, 0, 60, 0, 29, 0, 61, 0, 30, 0, 62, 0, 31, 0, 63, 0}};
+
+INT4_TARGET static void int4_block(const uint8_t *w, const uint16_t *sz, const int16_t *xq, const float *xs,
+                                   const float *xsum, int64_t n, int64_t k, int64_t group, float *out) {
+    const __m512i nib = _mm512_set1_epi8(0x0f);
+    const __mmask64 spread = 0x5555555555555555ull;
+    const __m512i idx[2] = {_mm512_loadu_si512(INT4_SPREAD[0]), _mm512_loadu_si512(INT4_SPREAD[1])};
+    __m512 tot[4];
+    for (int m = 0; m < 4; m++) tot[m] = _mm512_setzero_ps();
+    int64_t groups = k / group;
+    for (int64_t g = 0; g < groups; g++) {
+        __m512i acc[4];
+        for (int m = 0; m < 4; m++) acc[m] = _mm512_setzero_si512();
+        const uint8_t *p = w + g * group * 32;
+        const int16_t *xg = xq + g * group;
+        if (g + 1 < groups)
+            for (int line = 0; line < 4; line++)
+                _mm_prefetch((const char *)(sz + ((g + 1) * n) * 2) + 64 * line, _MM_HINT_T0);
+        for (int64_t i = 0; i < group; i += 2) {
+            _mm_prefetch((const char *)p + 32 * i + 2048, _MM_HINT_T0);
+            __m512i bytes = _mm512_loadu_si512(p + 32 * i); /* k = g * group + i and the next */
+            __m512i lo = _mm512_and_si512(bytes, nib);
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nib);
+            int32_t pair;
+            memcpy(&pair, xg + i, 4);
+            __m512i xv = _mm512_set1_epi32(pair);
+            acc[0] = _mm512_dpwssd_epi32(acc[0], _mm512_maskz_permutexvar_epi8(spread, idx[0], lo), xv);
+            acc[1] = _mm512_dpwssd_epi32(acc[1], _mm512_maskz_permutexvar_epi8(spread, idx[1], lo), xv);
+            acc[2] = _mm512_dpwssd_epi32(acc[2], _mm512_maskz_permutexvar_epi8(spread, idx[0], hi), xv);
+            acc[3] = _mm512_dpwssd_epi32(acc[3], _mm512_maskz_permutexvar_epi8(spread, idx[1], hi), xv);
+        }
+        __m512 step = _mm512_set1_ps(xs[g]), total = _mm512_set1_ps(xsum[g]); /* 2^e, 2^e * X */
+        const uint16_t *s = sz + (g * n) * 2; /* (scale, zero) of this block's rows in group g */
+        for (int m = 0; m < 4; m++) {
+            __m512i d = _mm512_loadu_si512(s + 32 * m); /* 16 (scale, zero) pairs */
+            __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(d, 16));
+            __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(d, _mm512_set1_epi32((int)0xffff0000u)));
+            __m512 base = _mm512_fmadd_ps(_mm512_set1_ps(-8.0f), scale, zero); /* zero - 8 scale */
+            __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[m]), step);
+            tot[m] = _mm512_fmadd_ps(base, total, _mm512_fmadd_ps(scale, sum, tot[m]));
+        }
+    }
+    for (int m = 0; m < 4; m++) _mm512_storeu_ps(out + 16 * m, tot[m]);
+}
+
+/* The last N % 64 rows, pairs of rows per byte: plain C, the same sums. */
+static void int4_tail(const uint8_t *w, const uint16_t *sz, const int16_t *xq, const float *xs,
+                      const float *xsum, int64_t n, int64_t rows, int64_t k, int64_t group, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        float total = 0.0f;
+        for (int64_t g = 0; g < k / group; g++) {
+            int32_t sum = 0;
+            for (int64_t i = g * group; i < (g + 1) * group; i++) {
+                uint8_t b = w[i * (rows / 2) + r / 2];
+                sum += ((r & 1 ? b >> 4 : b) & 15) * (int32_t)xq[i];
+            }
+            float scale = bf16_to_f32(sz[(g * n) * 2 + 2 * r]), zero = bf16_to_f32(sz[(g * n) * 2 + 2 * r + 1]);
+            float base = fmaf(-8.0f, scale, zero);
+            total = fmaf(base, xsum[g], fmaf(scale, (float)sum * xs[g], total));
+        }
+        out[r] = total;
+    }
+}
+
+/* x # (K,) -> xq # (K,) int16, per group xs = 2^e and xsum = 2^e * sum(xq). Returns 0 if x holds a NaN or
+ * an infinity (the caller then answers NaN). */
+INT4_TARGET static int int4_quantize_x(const float *x, int64_t k, int64_t group, int16_t *xq, float *xs,
+                                       float *xsum) {
+    for (int64_t g = 0; g < k / group; g++) {
+        const float *xg = x + g * group;
+        float top = 0.0f;
+        for (int64_t i = 0; i < group; i++) {
+            float a = fabsf(xg[i]);
+            if (!(a <= 3.0e38f)) return 0; /* NaN or infinite */
+            top = a > top ? a : top;
+        }
+        int e = 0;
+        if (top > 0.0f) {
+            frexpf(top, &e);      /* top = f * 2^e, f in [0.5, 1) */
+            e -= 15;              /* top / 2^e in [2^14, 2^15) */
+            if (ldexpf(top, -e) >= 32767.5f) e += 1;
+        }
+        float up = ldexpf(1.0f, -e);
+        int32_t total = 0;
+        for (int64_t i = 0; i < group; i++) {
+            int32_t v = (int32_t)nearbyintf(xg[i] * up); /* exact scaling, round to nearest even */
+            xq[g * group + i] = (int16_t)v;
+            total += v;
+        }
+        xs[g] = ldexpf(1.0f, e);
+        xsum[g] = (float)total * xs[g];
+    }
+    return 1;
+}
+
+INT4_TARGET void qv_gemv_int4(const uint8_t *w, const uint16_t *sz, const float *x, const float *bias, float *y,
+                              int64_t n, int64_t k, int64_t group) {
+    int64_t groups = k / group;
+    int16_t *xq = (int16_t *)malloc((size_t)k * sizeof(int16_t) + 2 * (size_t)groups * sizeof(float));
+    if (!xq) return;
+    float *xs = (float *)(xq + k + (k & 1)), *xsum = xs + groups;
+    if (!int4_quantize_x(x, k, group, xq, xs, xsum)) {
+        for (int64_t i = 0; i < n; i++) y[i] = __builtin_nanf("");
+        free(xq);
+        return;
+    }
+    int64_t blocks = n / INT4_BLOCK, full = blocks * INT4_BLOCK;
+#pragma omp parallel for schedule(static) if (n * k >= PARALLEL_MIN)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t n0 = b * INT4_BLOCK;
+        int4_block(w + n0 * (k / 2), sz + n0 * 2, xq, xs, xsum, n, k, group, y + n0);
+    }
+    if (full < n) int4_tail(w + full * (k / 2), sz + full * 2, xq, xs, xsum, n, n - full, k, group, y + full);
+    if (bias)
+        for (int64_t i = 0; i < n; i++) y[i] += bias[i];
+    free(xq);
 }
