@@ -88,18 +88,23 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true", help="skip transformers")
     ap.add_argument("--startup", action="store_true", help="time whole processes instead")
     ap.add_argument("--memory", action="store_true", help="peak RSS of whole processes (load + one token)")
+    ap.add_argument("--whole", action="store_true",
+                    help="the whole describe job as processes: qwenvl describe against a transformers script")
     args = ap.parse_args()
     torch.manual_seed(0)
     preset = PRESETS[args.preset]
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         ckpt_dir = make_checkpoint(Path(tmp) / "ckpt", text=preset["text"], vision=preset["vision"],
-                                   tied=preset["tied"], dtype="bfloat16" if args.startup or args.memory else "float32")
+                                   tied=preset["tied"],
+                                   dtype="bfloat16" if args.startup or args.memory or args.whole else "float32")
         print(f"built the {args.preset} checkpoint in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         if args.startup:
             return startup(ckpt_dir, args.rounds)
         if args.memory:
             return memory(ckpt_dir)
+        if args.whole:
+            return whole(ckpt_dir, args)
         run(ckpt_dir, args)
 
 
@@ -262,6 +267,76 @@ def memory(ckpt_dir: Path) -> None:
                              capture_output=True, text=True, check=True).stdout.split()[-1]
         label = f"{who} {dtype}" + (f" --quantize {quantize}" if quantize != "none" else "")
         print(f"{label:36s} peak RSS {float(out):8.0f} MiB")
+
+
+# The transformers script a user would write for the same job: its processor (the PIL image processor, the
+# checkpoint's chat template), generate, decode. Greedy, no repetition penalty, as qwenvl is run below.
+TRANSFORMERS_JOB = """
+import sys, time
+t0 = time.perf_counter()
+import torch
+from PIL import Image
+sys.path.insert(0, sys.argv[4])
+from checkpoints import reference_processor
+from transformers import Qwen2_5_VLForConditionalGeneration
+path, image, dtype, n = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3]), int(sys.argv[5])
+processor = reference_processor(path)
+model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
+t1 = time.perf_counter()
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+text = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(text=[text], images=[Image.open(image).convert("RGB")], return_tensors="pt")
+with torch.inference_mode():
+    out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, repetition_penalty=1.0,
+                         top_k=None, top_p=None, temperature=None)
+answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+print(f"imports + load {t1 - t0:.2f} s, job {time.perf_counter() - t1:.2f} s, {out.shape[1] - inputs['input_ids'].shape[1]} tokens")
+"""
+
+
+def whole(ckpt_dir: Path, args) -> None:
+    """The whole describe job as one process each, alternating, best of --rounds: `qwenvl describe` (its
+    defaults, --dtype auto and the given dtypes) against TRANSFORMERS_JOB at the same dtype, on a random
+    --image photo, --new-tokens greedy tokens."""
+    import numpy as np
+    from PIL import Image
+
+    width, height = map(int, args.image.split("x"))
+    image = ckpt_dir.parent / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(image)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    dtypes = [d for d in ("bfloat16", "float32") if d in args.variants] or ["bfloat16"]
+
+    def ours(dtype):
+        cmd = [sys.executable, "-m", "qwenvl_cli", "describe", str(image), "--model", str(ckpt_dir), "--max-new-tokens",
+               str(args.new_tokens), "--temperature", "0", "--repetition-penalty", "1.0", "--dtype", dtype, "-q", "-v"]
+        t = time.perf_counter()
+        run = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+        return time.perf_counter() - t, run.stderr.strip().splitlines()[-1].split(": ", 2)[-1]
+
+    def theirs(dtype):
+        cmd = [sys.executable, "-c", TRANSFORMERS_JOB, str(ckpt_dir), str(image), dtype, tests, str(args.new_tokens)]
+        t = time.perf_counter()
+        run = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+        return time.perf_counter() - t, run.stdout.strip()
+
+    ours("auto")  # bytecode cached, native kernels built, files in the page cache
+    theirs(dtypes[0])
+    best: dict[tuple[str, str], tuple[float, str]] = {}
+    for r in range(args.rounds):
+        for dtype in dtypes:
+            for who, job in (("qwenvl", ours), ("transformers", theirs)):
+                result = job(dtype)
+                if (dtype, who) not in best or result[0] < best[(dtype, who)][0]:
+                    best[(dtype, who)] = result
+        print(f"  whole-job round {r + 1}/{args.rounds} done", file=sys.stderr)
+    print(f"\nwhole describe job, one process each: a {width}x{height} image, {args.new_tokens} tokens, seconds "
+          f"(best of {args.rounds})")
+    for dtype in dtypes:
+        (q, qd), (t, td) = best[(dtype, "qwenvl")], best[(dtype, "transformers")]
+        print(f"{dtype:9s} qwenvl {q:6.2f}  transformers {t:6.2f}  t / q {t / q:5.2f}x   qwenvl: {qd}; "
+              f"transformers: {td}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from qwenvl_cli.cli import started_up
 from qwenvl_cli.cli.common import Common
 from qwenvl_cli.engine import Engine, model_label
 from qwenvl_cli.errors import OutputError, UsageError
+from qwenvl_cli.heap import reuse_large_blocks
 from qwenvl_cli.hub import model_reference
 from qwenvl_cli.inputs import expand_inputs
 from qwenvl_cli.output import Sink, warn
@@ -80,10 +81,11 @@ def sampling(engine: Engine, opts: Common):
 
 def load_engine(opts: Common, feedback: Feedback, log) -> tuple[Engine, str]:
     ref = model_reference(opts.model)
+    heap = reuse_large_blocks()  # a setting of this process, before the first large tensor
     t0 = time.perf_counter()
     with feedback.status(f"Loading {ref}"):
         engine = Engine.load(ref, opts.device, opts.dtype, quantize=opts.quantize)
-    how = engine.dtype_reason + (f"; decoder weights {opts.quantize}" if opts.quantize else "")
+    how = engine.dtype_reason + (f"; decoder weights {opts.quantize}" if opts.quantize else "") + f"; {heap}"
     if engine.model.device.type == "cpu":
         from qwenvl_cli.model import native
 
