@@ -263,6 +263,56 @@ def test_int4_native_path_matches_the_quantized_oracle(kernels, dtype):
     assert calls == [1]
 
 
+# ---- the vision tower's attention on the native gather/scatter ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grids", [((1, 10, 14),), ((2, 8, 12), (1, 6, 6))])
+def test_vision_attention_native_path_is_the_torch_path_bit_for_bit(kernels, dtype, grids):
+    """Windows with padding (a 10x14 grid leaves partial windows), and frames of a video beside an image:
+    the native rotary + gather, the same SDPA call and the scatter give the torch path's bits."""
+    from qwenvl_cli.model import vision
+    from qwenvl_cli.model.rope import vision_layout
+
+    heads, hd = 4, 16
+    layout = vision_layout(grids, hd, 2, 4)
+    n = layout.cos.shape[0]
+    g = torch.Generator().manual_seed(n)
+    qkv = torch.randn(n, 3 * heads * hd, generator=g).to(dtype)
+    for seg in (layout.windows, layout.frames):
+        got = vision._segment_attention_native(kernels, qkv, seg, layout.cos, layout.sin, heads, hd)
+        q, k, v = qkv.view(n, 3, heads, hd).unbind(1)
+        q, k = (vision.apply_vision_rotary(t, layout.cos, layout.sin) for t in (q, k))
+        want = vision._segment_attention(q, k, v, seg).reshape(n, -1)
+        assert got.dtype == dtype and torch.equal(got, want)
+    assert layout.windows.key_mask is not None  # the padded case was among them
+
+
+def test_rope_gather_rotates_copies_and_pads(kernels):
+    """One token per slot: rotated as apply_vision_rotary (bit for bit), plain copies without cos/sin, zeros
+    in padding slots; and scatter_rows puts every token back where it came from."""
+    from qwenvl_cli.model.vision import apply_vision_rotary
+
+    n, heads, hd = 7, 3, 8
+    src = torch.randn(n, 2 + heads * hd)  # the heads start at column 2
+    cos, sin = torch.randn(n, hd), torch.randn(n, hd)
+    gather = torch.tensor([[3, 0, n], [6, 1, 2], [5, 4, n]])
+    rotated = kernels.rope_gather(src, 2, heads, hd, cos, sin, gather)
+    copied = kernels.rope_gather(src, 2, heads, hd, None, None, gather)
+    x = src[:, 2:].reshape(n, heads, hd)
+    want = apply_vision_rotary(x, cos, sin)
+    for s in range(3):
+        for slot, token in enumerate(gather[s].tolist()):
+            if token == n:
+                assert not rotated[s, :, slot].any() and not copied[s, :, slot].any()
+            else:
+                assert torch.equal(rotated[s, :, slot], want[token]) and torch.equal(copied[s, :, slot], x[token])
+    scatter = torch.tensor([1, 4, 5, 0, 7, 6, 3])  # token t's slot in the flat (S * Lmax) order
+    back = kernels.scatter_rows(copied, scatter)
+    assert torch.equal(back, x.reshape(n, -1))
+    with pytest.raises(ValueError, match="slot"):
+        kernels.scatter_rows(copied, torch.tensor([9]))
+
+
 # ---- when the kernels are missing: each case in a fresh process with its own cache directory ----
 
 STATUS = """

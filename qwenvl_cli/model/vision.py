@@ -2,7 +2,8 @@
 and the 2x2 patch merger to the decoder width.
 
 Fast path: every window of a block (or every frame of a full-attention block) goes through ONE batched
-attention call over padded segments. Slow oracle: `attention="loop"` attends segment by segment, as
+attention call over padded segments; on CPUs with the native kernels (model/native) the rotary embedding
+and the gather into segments are one pass. Slow oracle: `attention="loop"` attends segment by segment, as
 the reference implementation does; tests hold the two equal.
 """
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenvl_cli.config import VisionConfig
+from qwenvl_cli.model import native
 from qwenvl_cli.model.rope import Segments, VisionLayout, rotate_half
 
 
@@ -86,11 +88,29 @@ class VisionAttention(nn.Module):
         self, x: torch.Tensor, segments: Segments, cos: torch.Tensor, sin: torch.Tensor, loop: bool = False
     ) -> torch.Tensor:  # x (N, D)
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each (N, H, hd)
-        q = apply_vision_rotary(q, cos, sin)
-        k = apply_vision_rotary(k, cos, sin)
-        out = _segment_attention_loop(q, k, v, segments) if loop else _segment_attention(q, k, v, segments)
+        qkv = self.qkv(x)  # (N, 3 * H * hd)
+        kernels = native.kernels() if x.device.type == "cpu" and not loop else None
+        if kernels is not None and qkv.dtype in (torch.float32, torch.bfloat16):
+            out = _segment_attention_native(kernels, qkv, segments, cos, sin, self.num_heads, self.head_dim)
+        else:
+            q, k, v = qkv.view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each (N, H, hd)
+            q = apply_vision_rotary(q, cos, sin)
+            k = apply_vision_rotary(k, cos, sin)
+            out = _segment_attention_loop(q, k, v, segments) if loop else _segment_attention(q, k, v, segments)
         return self.proj(out.reshape(n, -1))
+
+
+def _segment_attention_native(kernels, qkv: torch.Tensor, seg: Segments, cos: torch.Tensor, sin: torch.Tensor,
+                              heads: int, head_dim: int) -> torch.Tensor:
+    """_segment_attention on the native kernels: q and k rotated while gathered into the padded segments
+    (one pass each instead of the eight tensor ops of apply_vision_rotary and the gather), v gathered, the
+    output scattered back; the same SDPA call on the same values, so the same bits (tests/test_native.py).
+    qkv # (N, 3 * H * hd) -> (N, H * hd)."""
+    width = heads * head_dim
+    q, k, v = (kernels.rope_gather(qkv, i * width, heads, head_dim, cos if i < 2 else None,
+                                   sin if i < 2 else None, seg.gather) for i in range(3))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=seg.key_mask)  # (S, H, Lmax, hd)
+    return kernels.scatter_rows(out, seg.scatter)
 
 
 def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments) -> torch.Tensor:

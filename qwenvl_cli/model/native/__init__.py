@@ -49,6 +49,12 @@ class Kernels:
             fn.restype = None
         self._int4.argtypes = [_P] * 5 + [_I, _I, _I]
         self._int4.restype = None
+        self._rope = lib.qv_rope_gather
+        self._rope.argtypes = [_P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _P]
+        self._rope.restype = None
+        self._scatter = lib.qv_scatter_rows
+        self._scatter.argtypes = [_P, _I, _I, _I, _I, _I, _I, _I, _P, _I, _P]
+        self._scatter.restype = None
 
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype == torch.float32 or (dtype == torch.bfloat16 and self.bf16)
@@ -88,6 +94,46 @@ class Kernels:
         self._int4(packed.data_ptr(), scales_and_zeros.data_ptr(), x.data_ptr(),
                    bias.data_ptr() if bias is not None else None, y.data_ptr(), n, k, group)
         return y
+
+
+    def rope_gather(self, src: torch.Tensor, column: int, heads: int, head_dim: int, cos: torch.Tensor | None,
+                    sin: torch.Tensor | None, gather: torch.Tensor) -> torch.Tensor:
+        """The vision tower's q, k or v into padded segments: src # (N, C) float32 or bfloat16, contiguous,
+        whose columns [column, column + heads * head_dim) hold each token's heads; gather # (S, Lmax) long
+        (N for padding) -> (S, heads, Lmax, head_dim), a transposed view of (S, Lmax, heads, head_dim)
+        memory, padding zeros. With cos/sin # (N, head_dim) float32 each vector is rotated as
+        vision.apply_vision_rotary does, to the bit (gemv.c); without, copied."""
+        n, width = src.shape
+        if (src.dtype not in (torch.float32, torch.bfloat16) or not src.is_contiguous() or head_dim % 2
+                or column + heads * head_dim > width or gather.dtype != torch.long):
+            raise ValueError(f"rope_gather: {tuple(src.shape)} {src.dtype} from column {column}, {heads}x{head_dim}")
+        s, lmax = gather.shape
+        gather = gather.contiguous()
+        dst = torch.empty(s, lmax, heads, head_dim, dtype=src.dtype)
+        rotate = cos is not None
+        if rotate:
+            cos, sin = cos.contiguous(), sin.contiguous()
+            if cos.dtype != torch.float32 or cos.shape != (n, head_dim) or sin.shape != cos.shape:
+                raise ValueError(f"rope_gather: cos/sin must be ({n}, {head_dim}) float32")
+        self._rope(src.data_ptr() + column * src.element_size(), width, heads, head_dim,
+                   cos.data_ptr() if rotate else None, sin.data_ptr() if rotate else None, gather.data_ptr(),
+                   s * lmax, lmax, n, int(rotate), int(src.dtype == torch.bfloat16), dst.data_ptr())
+        return dst.permute(0, 2, 1, 3)
+
+    def scatter_rows(self, src: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
+        """src # (S, heads, Lmax, head_dim), head_dim contiguous; scatter # (N,) long, each token's slot in
+        S * Lmax -> (N, heads * head_dim): token t's heads from slot scatter[t]."""
+        s, heads, lmax, hd = src.shape
+        if src.stride(3) != 1 or scatter.dtype != torch.long or scatter.dim() != 1:
+            raise ValueError(f"scatter_rows: {tuple(src.shape)} strides {src.stride()}")
+        if scatter.numel() and (int(scatter.min()) < 0 or int(scatter.max()) >= s * lmax):
+            raise ValueError("scatter_rows: a slot out of range")
+        scatter = scatter.contiguous()
+        n = scatter.shape[0]
+        dst = torch.empty(n, heads * hd, dtype=src.dtype)
+        self._scatter(src.data_ptr(), src.element_size(), heads, lmax, hd, src.stride(0), src.stride(1),
+                      src.stride(2), scatter.data_ptr(), n, dst.data_ptr())
+        return dst
 
 
 def kernels() -> Kernels | None:
