@@ -136,8 +136,8 @@ def candidates(n: int, k: int, count: int, do_compile: bool, group: int):
     yield f"int4 _weight_int4pack_mm g{group} bf16 x", n * k // 2 + 4 * n * k // group, q4b, \
         lambda ws, i: torch.ops.aten._weight_int4pack_mm_for_cpu(x16, ws[i][0], group, ws[i][1])
     if kernels is not None and kernels.int4 and cpu_int4_layout() == NATIVE_LAYOUT:
-        yield f"native int4 g{group} bf16 x", n * k // 2 + 4 * n * k // group, q4b, \
-            lambda ws, i: kernels.gemv_int4(ws[i][0], ws[i][1], x16[0], None, group)
+        yield f"native int4 g{group} fp32 x", n * k // 2 + 4 * n * k // group, q4b, \
+            lambda ws, i: kernels.gemv_int4(ws[i][0], ws[i][1], x32[0], None, group)
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""The native decode kernels (gemv.c): built on first use with the system C compiler into a per-user cache,
+"""The native kernels (gemv.c: the decode step's matrix-vector products, and the vision attention's rotary
+gather and scatter): built on first use with the system C compiler into a per-user cache,
 loaded with ctypes after torch (so their OpenMP threads are torch's), checked against torch on a small
 product before use. Anything missing (not x86-64 Linux with AVX-512, no compiler, a failed build or check,
 QWENVL_NATIVE=0) leaves `kernels()` None, with the reason in `status()`, and torch's kernels serve.
@@ -94,7 +95,6 @@ class Kernels:
         self._int4(packed.data_ptr(), scales_and_zeros.data_ptr(), x.data_ptr(),
                    bias.data_ptr() if bias is not None else None, y.data_ptr(), n, k, group)
         return y
-
 
     def rope_gather(self, src: torch.Tensor, column: int, heads: int, head_dim: int, cos: torch.Tensor | None,
                     sin: torch.Tensor | None, gather: torch.Tensor) -> torch.Tensor:
