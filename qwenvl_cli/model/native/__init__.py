@@ -56,6 +56,10 @@ class Kernels:
         self._scatter = lib.qv_scatter_rows
         self._scatter.argtypes = [_P, _I, _I, _I, _I, _I, _I, _I, _P, _I, _P]
         self._scatter.restype = None
+        self._norms = {torch.float32: lib.qv_rms_norm_f32, torch.bfloat16: lib.qv_rms_norm_bf16}
+        for fn in self._norms.values():
+            fn.argtypes = [_P, _P, ctypes.c_float, _P, _I]
+            fn.restype = _I
 
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype == torch.float32 or (dtype == torch.bfloat16 and self.bf16)
@@ -95,6 +99,17 @@ class Kernels:
         self._int4(packed.data_ptr(), scales_and_zeros.data_ptr(), x.data_ptr(),
                    bias.data_ptr() if bias is not None else None, y.data_ptr(), n, k, group)
         return y
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+        """One row: x # (..., D) holding D values, weight # (D,), both float32 or both bfloat16 -> (..., D),
+        vision.RMSNorm's result to the bit (gemv.c sums the squares in torch's order); None where it does
+        not apply (other dtypes, D < 8)."""
+        fn = self._norms.get(x.dtype)
+        if fn is None or weight.dtype != x.dtype or x.numel() != weight.numel():
+            return None
+        x, weight = x.contiguous(), weight.contiguous()
+        y = torch.empty_like(x)
+        return y if fn(x.data_ptr(), weight.data_ptr(), eps, y.data_ptr(), x.numel()) else None
 
     def rope_gather(self, src: torch.Tensor, column: int, heads: int, head_dim: int, cos: torch.Tensor | None,
                     sin: torch.Tensor | None, gather: torch.Tensor) -> torch.Tensor:
