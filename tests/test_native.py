@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from qwenvl_cli.generate import Generator, SamplingParams, reference_generate
 from qwenvl_cli.model import native
@@ -292,6 +293,39 @@ def test_one_row_rms_norm_declines_what_torch_sums_another_way(kernels):
     assert kernels.rms_norm(x, w, 1e-6) is None  # rows under 8 values: torch's scalar sum
     assert kernels.rms_norm(x.double(), w.double(), 1e-6) is None
     assert kernels.rms_norm(torch.randn(16), torch.ones(16).bfloat16(), 1e-6) is None
+
+
+# ---- one-query attention over the cache ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv, hd, length", [(8, 2, 64, 1), (8, 2, 64, 300), (16, 2, 128, 5000),
+                                                  (4, 4, 16, 37), (28, 4, 128, 1000)])
+def test_decode_attention_native_is_the_torch_form_and_sdpa(kernels, dtype, heads, kv, hd, length):
+    """On views of a preallocated cache (rows of a longer buffer), as the decode step passes them: within
+    float32 summation error of the two-matmul torch form and of SDPA, in the query's dtype."""
+    from qwenvl_cli.model.text import decode_attention_torch
+
+    g = torch.Generator().manual_seed(length + heads)
+    cache_k = torch.randn(1, kv, length + 9, hd, generator=g).to(dtype)
+    cache_v = torch.randn(1, kv, length + 9, hd, generator=g).to(dtype)
+    k, v = cache_k.narrow(2, 0, length), cache_v.narrow(2, 0, length)
+    q = (2 * torch.randn(1, heads, 1, hd, generator=g)).to(dtype)
+    got = kernels.decode_attention(q, k, v)
+    assert got.dtype == dtype and got.shape == (1, heads, 1, hd)
+    torch_form = decode_attention_torch(q, k, v)
+    sdpa = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=kv != heads).to(dtype)
+    tol = dict(atol=2e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=2**-7)
+    torch.testing.assert_close(got, torch_form, **tol)
+    torch.testing.assert_close(got, sdpa, **tol)
+
+
+def test_decode_attention_native_declines_what_it_does_not_take(kernels):
+    q, k = torch.randn(1, 4, 1, 24), torch.randn(1, 2, 5, 24)  # head size not a multiple of 16
+    assert kernels.decode_attention(q, k, k) is None
+    q, k = torch.randn(2, 4, 1, 32), torch.randn(2, 2, 5, 32)  # a batch
+    assert kernels.decode_attention(q, k, k) is None
+    q, k = torch.randn(1, 4, 1, 32).double(), torch.randn(1, 2, 5, 32).double()
+    assert kernels.decode_attention(q, k, k) is None
 
 
 # ---- the vision tower's attention on the native gather/scatter ----

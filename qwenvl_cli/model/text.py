@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenvl_cli.config import TextConfig
+from qwenvl_cli.model import native
 from qwenvl_cli.model.rope import rotate_half
 from qwenvl_cli.model.vision import RMSNorm, SwiGLU
 
@@ -48,9 +49,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """One query token over every cached key, grouped-query: q # (B, H, 1, hd), k/v # (B, kv, L, hd) ->
     (B, H, 1, hd), all in float32 (bfloat16 caches are widened). Two small matmuls per kv head group: on
-    CPU torch's SDPA takes 137 us at 300 keys in bfloat16 and 2.3 ms at 5,000 (this: 38 us and 242 us;
-    in float32 28/31 us and 367/193 us), and a decode step calls it once per layer. The oracle is SDPA
-    (tests/test_speed_paths.py)."""
+    CPU torch's SDPA takes 137 us at 300 keys in bfloat16 and 2.3 ms at 5,000 (the matmuls: 38 us and
+    242 us; in float32 28/31 us and 367/193 us), and a decode step calls it once per layer; the native
+    kernel (model/native) does the same sums in one call. The oracles are SDPA and the torch form
+    (tests/test_speed_paths.py, tests/test_native.py)."""
+    kernels = native.kernels()
+    fast = kernels.decode_attention(q, k, v) if kernels is not None else None
+    return fast if fast is not None else decode_attention_torch(q, k, v)
+
+
+def decode_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """decode_attention in torch ops (where the native kernels are missing, and their oracle)."""
     b, h, _, hd = q.shape
     kv = k.shape[1]
     qg = q.view(b, kv, h // kv, hd).float()  # the query heads that share each kv head

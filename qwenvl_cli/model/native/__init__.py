@@ -56,6 +56,10 @@ class Kernels:
         self._scatter = lib.qv_scatter_rows
         self._scatter.argtypes = [_P, _I, _I, _I, _I, _I, _I, _I, _P, _I, _P]
         self._scatter.restype = None
+        self._attention = {torch.float32: lib.qv_decode_attention_f32, torch.bfloat16: lib.qv_decode_attention_bf16}
+        for fn in self._attention.values():
+            fn.argtypes = [_P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P, _P]
+            fn.restype = _I
         self._norms = {torch.float32: lib.qv_rms_norm_f32, torch.bfloat16: lib.qv_rms_norm_bf16}
         for fn in self._norms.values():
             fn.argtypes = [_P, _P, ctypes.c_float, _P, _I]
@@ -110,6 +114,25 @@ class Kernels:
         x, weight = x.contiguous(), weight.contiguous()
         y = torch.empty_like(x)
         return y if fn(x.data_ptr(), weight.data_ptr(), eps, y.data_ptr(), x.numel()) else None
+
+    def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        """One query per head over the cache, grouped: q # (1, H, 1, hd), k/v # (1, kv, L, hd) views of the
+        cache (rows of hd contiguous, k and v alike), float32 or bfloat16 -> (1, H, 1, hd) in q's dtype,
+        computed in float32 as text.decode_attention; None where it does not apply (a batch, other dtypes
+        or layouts, hd not a multiple of 16 up to 256)."""
+        fn = self._attention.get(k.dtype)
+        b, h, one, hd = q.shape
+        _, kv, length, _ = k.shape
+        if (fn is None or q.device.type != "cpu" or b != 1 or one != 1 or v.dtype != k.dtype or v.shape != k.shape or k.stride(3) != 1
+                or k.stride(2) != hd or v.stride() != k.stride() or kv == 0 or h % kv):
+            return None
+        qf = q.reshape(h, hd).float().contiguous()
+        scratch = torch.empty(h, length)
+        out = torch.empty(h, hd)
+        if not fn(qf.data_ptr(), k.data_ptr(), v.data_ptr(), h, kv, length, hd, k.stride(1), hd**-0.5,
+                  scratch.data_ptr(), out.data_ptr()):
+            return None
+        return out.to(q.dtype).view(1, h, 1, hd)
 
     def rope_gather(self, src: torch.Tensor, column: int, heads: int, head_dim: int, cos: torch.Tensor | None,
                     sin: torch.Tensor | None, gather: torch.Tensor) -> torch.Tensor:

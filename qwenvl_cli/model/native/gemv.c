@@ -498,3 +498,63 @@ int64_t qv_rms_norm_bf16(const uint16_t *x, const uint16_t *weight, float eps, u
     if (dim < SUM_LANES) return 0;
     NORM_BODY(bf16_to_f32, f32_to_bf16)
 }
+
+/* ---- one query over the KV cache (the decode step's attention), grouped-query ----
+ * q # (heads, hd) float32; k, v: kv_heads blocks of len rows of hd (float32 or bfloat16), block b at
+ * b * kv_stride elements; scratch # (heads, len) float32; out # (heads, hd) float32. Per head, in float32:
+ * s = (q . k_l) * scale, p = softmax(s) = exp(s - max) / sum, out = sum_l p_l v_l, as text.decode_attention
+ * computes it with two matmuls (its oracle, with SDPA; the order of the sums differs). hd a multiple of 16
+ * up to 256: the output row stays in registers. Threads split the heads. */
+
+F32_TARGET static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
+
+F32_TARGET static inline __m512 load16_bf16(const uint16_t *p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+#define ATTN_BODY(T, LOAD16)                                                                                   \
+    if (hd % 16 || hd > 256 || kv_heads <= 0 || heads % kv_heads) return 0;                                \
+    int64_t group = heads / kv_heads, vecs = hd / 16;                                                      \
+    _Pragma("omp parallel for schedule(static) if (heads * len * hd >= 4 * PARALLEL_MIN)")                 \
+    for (int64_t h = 0; h < heads; h++) {                                                                  \
+        const float *qh = q + h * hd;                                                                      \
+        const T *kh = k + (h / group) * kv_stride, *vh = v + (h / group) * kv_stride;                      \
+        float *s = scratch + h * len, *o = out + h * hd;                                                   \
+        __m512 qv[16], acc[16];                                                                            \
+        for (int64_t j = 0; j < vecs; j++) {                                                               \
+            qv[j] = _mm512_loadu_ps(qh + 16 * j);                                                          \
+            acc[j] = _mm512_setzero_ps();                                                                  \
+        }                                                                                                  \
+        float top = -INFINITY;                                                                             \
+        for (int64_t l = 0; l < len; l++) {                                                                \
+            __m512 dot = _mm512_mul_ps(qv[0], LOAD16(kh + l * hd));                                        \
+            for (int64_t j = 1; j < vecs; j++) dot = _mm512_fmadd_ps(qv[j], LOAD16(kh + l * hd + 16 * j), dot); \
+            s[l] = _mm512_reduce_add_ps(dot) * scale;                                                      \
+            top = s[l] > top ? s[l] : top;                                                                 \
+        }                                                                                                  \
+        float total = 0.0f;                                                                                \
+        for (int64_t l = 0; l < len; l++) {                                                                \
+            s[l] = expf(s[l] - top);                                                                       \
+            total += s[l];                                                                                 \
+        }                                                                                                  \
+        for (int64_t l = 0; l < len; l++) {                                                                \
+            __m512 p = _mm512_set1_ps(s[l] / total);                                                       \
+            for (int64_t j = 0; j < vecs; j++) acc[j] = _mm512_fmadd_ps(p, LOAD16(vh + l * hd + 16 * j), acc[j]); \
+        }                                                                                                  \
+        for (int64_t j = 0; j < vecs; j++) _mm512_storeu_ps(o + 16 * j, acc[j]);                           \
+    }                                                                                                      \
+    return 1;
+
+/* Both answer 0 (nothing written) for a head size they do not take. */
+F32_TARGET int64_t qv_decode_attention_f32(const float *q, const float *k, const float *v, int64_t heads,
+                                           int64_t kv_heads, int64_t len, int64_t hd, int64_t kv_stride,
+                                           float scale, float *scratch, float *out) {
+    ATTN_BODY(float, load16_f32)
+}
+
+F32_TARGET int64_t qv_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_t *v, int64_t heads,
+                                            int64_t kv_heads, int64_t len, int64_t hd, int64_t kv_stride,
+                                            float scale, float *scratch, float *out) {
+    ATTN_BODY(uint16_t, load16_bf16)
+}
