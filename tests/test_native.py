@@ -221,6 +221,12 @@ def test_int4_gemv_answers_nan_for_a_non_finite_activation_and_rejects_other_dty
         assert kernels.gemv_int4(native.pack_int4_avx512(q), sz, x, None, 32).isnan().all()
     with pytest.raises(ValueError, match="x"):
         kernels.gemv_int4(native.pack_int4_avx512(q), sz, torch.ones(64).bfloat16(), None, 32)
+    # a group of subnormals (its power of two is below float32's range) and a group of zeros: finite
+    x = torch.cat([torch.full((32,), 3e-41), torch.zeros(32)])
+    q = torch.randint(0, 16, (64, 64), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    got = kernels.gemv_int4(native.pack_int4_avx512(q), sz, x, None, 32)
+    want = ((q.double() - 8) + 1) @ x.double()
+    assert torch.isfinite(got).all() and torch.allclose(got.double(), want, rtol=1e-3, atol=1e-44)
 
 
 def test_int4_pack_spelled_out_is_torchs(kernels):

@@ -49,7 +49,7 @@ class Kernels:
             fn.argtypes = [_P] * (args - 2) + [_I, _I]
             fn.restype = None
         self._int4.argtypes = [_P] * 5 + [_I, _I, _I]
-        self._int4.restype = None
+        self._int4.restype = _I
         self._rope = lib.qv_rope_gather
         self._rope.argtypes = [_P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _P]
         self._rope.restype = None
@@ -100,8 +100,9 @@ class Kernels:
             raise ValueError(f"int4 kernel: a {n}x{k} {packed.dtype} pack in groups of {group}, scales "
                              f"{tuple(scales_and_zeros.shape)} {scales_and_zeros.dtype}, x {tuple(x.shape)} {x.dtype}")
         y = torch.empty(n, dtype=torch.float32)
-        self._int4(packed.data_ptr(), scales_and_zeros.data_ptr(), x.data_ptr(),
-                   bias.data_ptr() if bias is not None else None, y.data_ptr(), n, k, group)
+        if not self._int4(packed.data_ptr(), scales_and_zeros.data_ptr(), x.data_ptr(),
+                          bias.data_ptr() if bias is not None else None, y.data_ptr(), n, k, group):
+            raise MemoryError(f"int4 kernel: no memory for {k} activations")
         return y
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:

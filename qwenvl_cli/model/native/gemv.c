@@ -208,8 +208,9 @@ F32_TARGET void qv_gemv_int8(const int8_t *w, const uint16_t *scales, const floa
  * 2^14..2^15 - 1), so every bfloat16 value within 2^7 of the group's largest is exact and the rest are
  * off by at most 2^(e-1). Then the sums are integers: one vpermb a 16 rows spreads the nibbles of two
  * consecutive k into (q[n, k], q[n, k + 1]) word pairs, vpdpwssd multiplies them by (xq[k], xq[k + 1])
- * and adds into int32 lanes (exact: |sum| < 15 * 2^15 * 256). vdpbf16ps and float32 FMAs would do the same
- * work at half the rate on Intel cores, where they cost two FMA slots or more uops (gemv.c's history).
+ * and adds into int32 lanes (exact: |sum| < 15 * 2^15 * 256). The same loop on bfloat16 pairs with
+ * vdpbf16ps ran at half the rate from L1 (17 against 33 GB/s a core, 2 Xeon cores with AMX): there it
+ * costs two FMA slots.
  * Per group: y += scale * 2^e * S + (zero - 8 * scale) * 2^e * X, S the group's sum, X that of xq. */
 
 #define INT4_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")))
@@ -301,10 +302,10 @@ INT4_TARGET static int int4_quantize_x(const float *x, int64_t k, int64_t group,
             e -= 15;              /* top / 2^e in [2^14, 2^15) */
             if (ldexpf(top, -e) >= 32767.5f) e += 1;
         }
-        float up = ldexpf(1.0f, -e);
+        double up = ldexp(1.0, -e); /* in double: 2^-e overflows float for groups of subnormals */
         int32_t total = 0;
         for (int64_t i = 0; i < group; i++) {
-            int32_t v = (int32_t)nearbyintf(xg[i] * up); /* exact scaling, round to nearest even */
+            int32_t v = (int32_t)nearbyint(xg[i] * up); /* exact scaling, round to nearest even */
             xq[g * group + i] = (int16_t)v;
             total += v;
         }
@@ -314,16 +315,17 @@ INT4_TARGET static int int4_quantize_x(const float *x, int64_t k, int64_t group,
     return 1;
 }
 
-INT4_TARGET void qv_gemv_int4(const uint8_t *w, const uint16_t *sz, const float *x, const float *bias, float *y,
-                              int64_t n, int64_t k, int64_t group) {
+/* Answers 0 (nothing written) when out of memory, else 1. */
+INT4_TARGET int64_t qv_gemv_int4(const uint8_t *w, const uint16_t *sz, const float *x, const float *bias,
+                                 float *y, int64_t n, int64_t k, int64_t group) {
     int64_t groups = k / group;
     int16_t *xq = (int16_t *)malloc((size_t)k * sizeof(int16_t) + 2 * (size_t)groups * sizeof(float));
-    if (!xq) return;
+    if (!xq) return 0;
     float *xs = (float *)(xq + k + (k & 1)), *xsum = xs + groups;
     if (!int4_quantize_x(x, k, group, xq, xs, xsum)) {
         for (int64_t i = 0; i < n; i++) y[i] = __builtin_nanf("");
         free(xq);
-        return;
+        return 1;
     }
     int64_t blocks = n / INT4_BLOCK, full = blocks * INT4_BLOCK;
 #pragma omp parallel for schedule(static) if (n * k >= PARALLEL_MIN)
@@ -335,6 +337,7 @@ INT4_TARGET void qv_gemv_int4(const uint8_t *w, const uint16_t *sz, const float 
     if (bias)
         for (int64_t i = 0; i < n; i++) y[i] += bias[i];
     free(xq);
+    return 1;
 }
 
 
