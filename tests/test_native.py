@@ -270,14 +270,14 @@ def test_int4_native_path_matches_the_quantized_oracle(kernels, dtype):
     assert calls == [1]
 
 
-# ---- RMSNorm of one row ----
+# ---- RMSNorm ----
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dim", [8, 64, 100, 512, 1280, 2048, 3584, 8192])
-def test_one_row_rms_norm_is_the_reference_to_the_bit(kernels, dtype, dim):
-    """The native one-row RMSNorm against transformers' form op for op and against torch's rms_norm path
-    (many rows, where the module does not call it): equal bits on 50 random rows each, so its sum of
-    squares runs in torch's order (a plain 16-lane sum differs in about one row of eight)."""
+def test_native_rms_norm_is_the_reference_to_the_bit(kernels, dtype, dim):
+    """The native RMSNorm, 50 rows at once and one at a time, against transformers' form op for op and
+    against torch's rms_norm path: equal bits on 50 random rows each, so its sum of squares runs in
+    torch's order (a plain 16-lane sum differs in about one row of eight)."""
     from qwenvl_cli.model.vision import RMSNorm
 
     g = torch.Generator().manual_seed(dim)
@@ -287,14 +287,17 @@ def test_one_row_rms_norm_is_the_reference_to_the_bit(kernels, dtype, dim):
     norm = norm.to(dtype)
     rows = (3 * torch.randn(50, dim, generator=g)).to(dtype)
     with torch.inference_mode():
-        many = norm(rows)  # torch's path
+        torch_path = norm.weight * torch.rms_norm(rows.float(), (dim,), eps=norm.eps).to(dtype)
+        many = kernels.rms_norm(rows.view(5, 10, dim), norm.weight, norm.eps).view(50, dim)
+        assert torch.equal(many, torch_path) and torch.equal(norm(rows), many)
+        assert torch.equal(many, norm.reference(rows))
         for i in range(50):
             one = kernels.rms_norm(rows[i], norm.weight, norm.eps)
             assert torch.equal(one, norm.reference(rows[i])) and torch.equal(one, many[i]), f"row {i}"
             assert torch.equal(norm(rows[i].view(1, 1, dim)), one.view(1, 1, dim))
 
 
-def test_one_row_rms_norm_declines_what_torch_sums_another_way(kernels):
+def test_native_rms_norm_declines_what_torch_sums_another_way(kernels):
     x, w = torch.randn(7), torch.ones(7)
     assert kernels.rms_norm(x, w, 1e-6) is None  # rows under 8 values: torch's scalar sum
     assert kernels.rms_norm(x.double(), w.double(), 1e-6) is None

@@ -62,7 +62,7 @@ class Kernels:
             fn.restype = _I
         self._norms = {torch.float32: lib.qv_rms_norm_f32, torch.bfloat16: lib.qv_rms_norm_bf16}
         for fn in self._norms.values():
-            fn.argtypes = [_P, _P, ctypes.c_float, _P, _I]
+            fn.argtypes = [_P, _P, ctypes.c_float, _P, _I, _I]
             fn.restype = _I
 
     def supports(self, dtype: torch.dtype) -> bool:
@@ -106,15 +106,16 @@ class Kernels:
         return y
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-        """One row: x # (..., D) holding D values, weight # (D,), both float32 or both bfloat16 -> (..., D),
-        vision.RMSNorm's result to the bit (gemv.c sums the squares in torch's order); None where it does
-        not apply (other dtypes, D < 8)."""
+        """Rows: x # (..., D), weight # (D,), both float32 or both bfloat16 -> (..., D), vision.RMSNorm's
+        result to the bit (gemv.c sums the squares in torch's order); None where it does not apply (other
+        dtypes or devices, D < 8)."""
         fn = self._norms.get(x.dtype)
-        if fn is None or weight.dtype != x.dtype or x.numel() != weight.numel():
+        if fn is None or x.device.type != "cpu" or weight.dtype != x.dtype or x.shape[-1:] != weight.shape:
             return None
         x, weight = x.contiguous(), weight.contiguous()
         y = torch.empty_like(x)
-        return y if fn(x.data_ptr(), weight.data_ptr(), eps, y.data_ptr(), x.numel()) else None
+        dim = weight.numel()
+        return y if fn(x.data_ptr(), weight.data_ptr(), eps, y.data_ptr(), x.numel() // max(dim, 1), dim) else None
 
     def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
         """One query per head over the cache, grouped: q # (1, H, 1, hd), k/v # (1, kv, L, hd) views of the

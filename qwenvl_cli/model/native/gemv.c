@@ -422,11 +422,12 @@ void qv_scatter_rows(const void *src, int64_t elem, int64_t heads, int64_t lmax,
     }
 }
 
-/* ---- RMSNorm of one row (the decode step's two a layer and the final one), as vision.RMSNorm computes
- * it: h = x in float32, r = 1 / sqrt(sum(h * h) / dim + eps), y = weight * (h * r rounded to the dtype),
- * the product rounded to the dtype. torch's rms_norm is five ops on CPU (20-40 us a call here); this is
- * one, with the same bits: the sum of squares follows torch's own order (SumKernel.cpp's cascade_sum over
- * 8-lane vectors, 4 of them interleaved, levels of 16; tests/test_native.py holds it to torch's). */
+/* ---- RMSNorm of rows (the decode step's two a layer and the final one; the vision tower's and the
+ * prefill's), as vision.RMSNorm computes it: h = x in float32, r = 1 / sqrt(sum(h * h) / dim + eps),
+ * y = weight * (h * r rounded to the dtype), the product rounded to the dtype. torch's rms_norm is five
+ * ops on CPU (20-40 us a call for one row here) with float32 copies around them; this is one pass, with
+ * the same bits: the sum of squares follows torch's own order (SumKernel.cpp's cascade_sum over 8-lane
+ * vectors, 4 of them interleaved, levels of 16; tests/test_native.py holds it to torch's). */
 
 #define SUM_LANES 8
 #define SUM_ILP 4
@@ -477,29 +478,45 @@ static float torch_row_sum(const float *row, int64_t n) {
     return total;
 }
 
-#define NORM_BODY(LOAD, STORE)                                                                                 \
-    float stack[4096];                                                                                     \
-    float *sq = dim <= 4096 ? stack : (float *)malloc((size_t)dim * sizeof(float));                        \
-    if (!sq) return 0;                                                                                     \
-    for (int64_t i = 0; i < dim; i++) {                                                                    \
-        float h = LOAD(x[i]);                                                                              \
-        sq[i] = h * h;                                                                                     \
-    }                                                                                                      \
-    float r = 1.0f / sqrtf(torch_row_sum(sq, dim) / (float)dim + eps);                                     \
-    for (int64_t i = 0; i < dim; i++) y[i] = STORE(LOAD(weight[i]) * LOAD(STORE(LOAD(x[i]) * r)));         \
-    if (sq != stack) free(sq);                                                                             \
-    return 1;
+#define NORM_ROW(LOAD, STORE, x, y)                                                                           \
+    {                                                                                                      \
+        for (int64_t i = 0; i < dim; i++) {                                                                \
+            float h = LOAD(x[i]);                                                                          \
+            sq[i] = h * h;                                                                                 \
+        }                                                                                                  \
+        float r = 1.0f / sqrtf(torch_row_sum(sq, dim) / (float)dim + eps);                                 \
+        for (int64_t i = 0; i < dim; i++) y[i] = STORE(LOAD(weight[i]) * LOAD(STORE(LOAD(x[i]) * r)));     \
+    }
 
-/* Both answer 0 (nothing written) for rows shorter than a vector, which torch sums another way, or when
- * memory runs out. */
-int64_t qv_rms_norm_f32(const float *x, const float *weight, float eps, float *y, int64_t dim) {
-    if (dim < SUM_LANES) return 0;
-    NORM_BODY(AS_IS, AS_IS)
+/* rows x dim, contiguous; threads split the rows. Both answer 0 (nothing written) for rows shorter than a
+ * vector, which torch sums another way, or when memory runs out. */
+#define NORM_BODY(T, LOAD, STORE)                                                                              \
+    if (dim < SUM_LANES) return 0;                                                                         \
+    int64_t failed = 0;                                                                                    \
+    _Pragma("omp parallel if (rows * dim >= PARALLEL_MIN) reduction(| : failed)")                           \
+    {                                                                                                      \
+        float stack[4096];                                                                                 \
+        float *sq = dim <= 4096 ? stack : (float *)malloc((size_t)dim * sizeof(float));                    \
+        if (!sq) failed = 1;                                                                               \
+        else {                                                                                             \
+            _Pragma("omp for schedule(static)")                                                            \
+            for (int64_t row = 0; row < rows; row++) {                                                     \
+                const T *xr = x + row * dim;                                                               \
+                T *yr = y + row * dim;                                                                     \
+                NORM_ROW(LOAD, STORE, xr, yr)                                                              \
+            }                                                                                              \
+            if (sq != stack) free(sq);                                                                     \
+        }                                                                                                  \
+    }                                                                                                      \
+    return !failed;
+
+int64_t qv_rms_norm_f32(const float *x, const float *weight, float eps, float *y, int64_t rows, int64_t dim) {
+    NORM_BODY(float, AS_IS, AS_IS)
 }
 
-int64_t qv_rms_norm_bf16(const uint16_t *x, const uint16_t *weight, float eps, uint16_t *y, int64_t dim) {
-    if (dim < SUM_LANES) return 0;
-    NORM_BODY(bf16_to_f32, f32_to_bf16)
+int64_t qv_rms_norm_bf16(const uint16_t *x, const uint16_t *weight, float eps, uint16_t *y, int64_t rows,
+                         int64_t dim) {
+    NORM_BODY(uint16_t, bf16_to_f32, f32_to_bf16)
 }
 
 /* ---- one query over the KV cache (the decode step's attention), grouped-query ----
