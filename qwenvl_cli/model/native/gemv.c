@@ -497,16 +497,17 @@ static float torch_row_sum(const float *row, int64_t n) {
     {                                                                                                      \
         float stack[4096];                                                                                 \
         float *sq = dim <= 4096 ? stack : (float *)malloc((size_t)dim * sizeof(float));                    \
-        if (!sq) failed = 1;                                                                               \
-        else {                                                                                             \
-            _Pragma("omp for schedule(static)")                                                            \
-            for (int64_t row = 0; row < rows; row++) {                                                     \
-                const T *xr = x + row * dim;                                                               \
-                T *yr = y + row * dim;                                                                     \
-                NORM_ROW(LOAD, STORE, xr, yr)                                                              \
+        _Pragma("omp for schedule(static)") /* every thread meets it, scratch or not */                    \
+        for (int64_t row = 0; row < rows; row++) {                                                         \
+            if (!sq) {                                                                                     \
+                failed = 1;                                                                                \
+                continue;                                                                                  \
             }                                                                                              \
-            if (sq != stack) free(sq);                                                                     \
+            const T *xr = x + row * dim;                                                                   \
+            T *yr = y + row * dim;                                                                         \
+            NORM_ROW(LOAD, STORE, xr, yr)                                                                  \
         }                                                                                                  \
+        if (sq && sq != stack) free(sq);                                                                   \
     }                                                                                                      \
     return !failed;
 
