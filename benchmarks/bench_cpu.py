@@ -297,9 +297,9 @@ print(f"imports + load {t1 - t0:.2f} s, job {time.perf_counter() - t1:.2f} s, {o
 
 
 def whole(ckpt_dir: Path, args) -> None:
-    """The whole describe job as one process each, alternating, best of --rounds: `qwenvl describe` (its
-    defaults, --dtype auto and the given dtypes) against TRANSFORMERS_JOB at the same dtype, on a random
-    --image photo, --new-tokens greedy tokens."""
+    """The whole describe job as one process each, alternating, best of --rounds: `qwenvl describe` at each
+    of the given dtypes (bfloat16, float32) against TRANSFORMERS_JOB at the same dtype, on a random --image
+    photo, --new-tokens greedy tokens; one untimed run of each first."""
     import numpy as np
     from PIL import Image
 
