@@ -226,7 +226,7 @@ def decode(args, llama: Path, ckpt: Path, ggufs: Gguf, precisions) -> None:
             for label, dtype, q, _, _ in precisions:
                 models[label, who] = load_model(checkpoint, "cpu", resolve_dtype(dtype, torch.device("cpu")), quantize=q)
     bandwidth = read_bandwidth()
-    best: dict[tuple[str, str], float] = {}
+    best: dict[tuple[str, str], float] = {}  # (label, qwenvl kind) -> tokens/s
     llama_best_run: dict[str, tuple[float, str]] = {}  # label -> (tokens/s, llama.cpp's repack setting)
 
     def ours(label, who):
@@ -244,7 +244,6 @@ def decode(args, llama: Path, ckpt: Path, ggufs: Gguf, precisions) -> None:
                     best[(label, who)] = max(best.get((label, who), 0.0), rate())
                 theirs = llama_decode(llama, ggufs.text(gtype), len(ids), args.new_tokens)
                 llama_best_run[label] = max(llama_best_run.get(label, (0.0, "")), theirs)
-                best[(label, "llama.cpp")] = llama_best_run[label][0]
             print(f"  decode round {r + 1}/{args.rounds} done", file=sys.stderr)
     print(f"\ndecode after a {len(ids)}-token image prompt, {args.new_tokens} tokens, tokens/s (best of "
           f"{args.rounds}); streaming read {bandwidth:.1f} GB/s; qwenvl on {native.status().reason}")
@@ -252,7 +251,7 @@ def decode(args, llama: Path, ckpt: Path, ggufs: Gguf, precisions) -> None:
     print(f"{'precision':13s} {'qwenvl':>7s} {'llama.cpp':>10s} {'q / l':>6s}{extra} {'qwenvl MB/token':>16s} "
           f"{'% of read':>10s}")
     for label, _, _, gtype, _ in precisions:
-        q, theirs = best[(label, "qwenvl")], best[(label, "llama.cpp")]
+        q, theirs = best[(label, "qwenvl")], llama_best_run[label][0]
         mb = step_bytes(models[label, "qwenvl"]) / 1e6
         extra = ""
         if args.torch_kernels:

@@ -1,5 +1,6 @@
-"""The native kernels (gemv.c: the decode step's matrix-vector products, and the vision attention's rotary
-gather and scatter): built on first use with the system C compiler into a per-user cache,
+"""The native kernels (gemv.c: the decode step's matrix-vector products and one-query attention, RMSNorm,
+and the vision attention's rotary gather and scatter): built on first use with the system C compiler into a
+per-user cache,
 loaded with ctypes after torch (so their OpenMP threads are torch's), checked against torch on a small
 product before use. Anything missing (not x86-64 Linux with AVX-512, no compiler, a failed build or check,
 QWENVL_NATIVE=0) leaves `kernels()` None, with the reason in `status()`, and torch's kernels serve.
@@ -125,8 +126,9 @@ class Kernels:
         fn = self._attention.get(k.dtype)
         b, h, one, hd = q.shape
         _, kv, length, _ = k.shape
-        if (fn is None or q.device.type != "cpu" or b != 1 or one != 1 or v.dtype != k.dtype or v.shape != k.shape or k.stride(3) != 1
-                or k.stride(2) != hd or v.stride() != k.stride() or kv == 0 or h % kv):
+        if (fn is None or q.device.type != "cpu" or b != 1 or one != 1 or v.dtype != k.dtype
+                or v.shape != k.shape or k.stride(3) != 1 or k.stride(2) != hd or v.stride() != k.stride()
+                or kv == 0 or h % kv):
             return None
         qf = q.reshape(h, hd).float().contiguous()
         scratch = torch.empty(h, length)

@@ -1,6 +1,7 @@
 /* Matrix-vector products for the one-token decode step on x86-64 CPUs with AVX-512: y = W x (+ bias) for
  * one activation row, W row-major (N, K) in float32, bfloat16 or int8 with one scale per row, or in torch's
- * int4 pack (at the end, with the vision attention's rotary gather and scatter).
+ * int4 pack. After them: the vision attention's rotary gather and scatter, RMSNorm, and the decode step's
+ * one-query attention.
  *
  * Why not torch's kernels: a decode step is a stream of weight bytes, and oneDNN's packed GEMV and
  * `_weight_int8pack_mm` read them at 70-80% of what these loops reach (benchmarks/RESULTS.md). The loops
