@@ -7,6 +7,7 @@ whole model's would. Nothing is asserted; the machine may be shared, so read rat
 
     python benchmarks/bench_gemv.py                    # LM head 151936x512 and the 3B decoder shapes
     python benchmarks/bench_gemv.py --threads 1 --shapes 151936x512 --compile
+    python benchmarks/bench_gemv.py --set avx2         # the AVX2 loops on an AVX-512 machine
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from qwenvl_cli.model import native
-from qwenvl_cli.model.int4 import NATIVE_LAYOUT, cpu_int4_layout
+from qwenvl_cli.model.int4 import cpu_int4_layout, native_layout
+from qwenvl_cli.model.quant import onednn_packs
 
 SHAPES = {
     "151936x512": (151936, 512),  # LM head of the issue's 228M checkpoint
@@ -72,7 +74,7 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     return packed, torch.stack([scale, zeros], -1).transpose(0, 1).contiguous()  # (K/g, N, 2)
 
 
-def candidates(n: int, k: int, count: int, do_compile: bool, group: int):
+def candidates(n: int, k: int, count: int, do_compile: bool, group: int, kernels: native.Kernels | None):
     """(name, weight bytes per call, fn(i)) for each kernel; weights built lazily per kernel."""
     x32 = torch.randn(1, k)
     x16 = x32.bfloat16()
@@ -84,7 +86,6 @@ def candidates(n: int, k: int, count: int, do_compile: bool, group: int):
     yield "mkl packed fp32", 4 * n * k, [
         torch.ops.mkl._mkl_reorder_linear_weight(w, 1) for w in base
     ], lambda ws, i, origin=base: torch.ops.mkl._mkl_linear(x32, ws[i], origin[i], None, 1)
-    kernels = native.kernels()
     if kernels is not None:
         yield "native fp32", 4 * n * k, base, lambda ws, i: kernels.gemv(ws[i], x32[0], None)
     yield "oneDNN prepacked fp32", 4 * n * k, [
@@ -96,10 +97,11 @@ def candidates(n: int, k: int, count: int, do_compile: bool, group: int):
         lambda ws, i: ws[i].sum()
     yield "F.linear bf16", 2 * n * k, bf, lambda ws, i: F.linear(x16, ws[i])
     yield "F.linear bf16 w, fp32 x (cast)", 2 * n * k, bf, lambda ws, i: F.linear(x32.bfloat16(), ws[i]).float()
-    yield "oneDNN prepacked bf16", 2 * n * k, [
-        torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in bf
-    ], lambda ws, i: torch.ops.mkldnn._linear_pointwise(x16, ws[i], None, "none", [], "")
-    if kernels is not None and kernels.bf16:
+    if onednn_packs(torch.bfloat16):  # not on AVX2 CPUs
+        yield "oneDNN prepacked bf16", 2 * n * k, [
+            torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in bf
+        ], lambda ws, i: torch.ops.mkldnn._linear_pointwise(x16, ws[i], None, "none", [], "")
+    if kernels is not None:
         yield "native bf16", 2 * n * k, bf, lambda ws, i: kernels.gemv(ws[i], x16[0], None)
     halves = [(w[: n // 2], w[n // 2 :]) for w in bf]
 
@@ -135,7 +137,7 @@ def candidates(n: int, k: int, count: int, do_compile: bool, group: int):
     q4b = [(p, sz.bfloat16()) for p, sz in q4]
     yield f"int4 _weight_int4pack_mm g{group} bf16 x", n * k // 2 + 4 * n * k // group, q4b, \
         lambda ws, i: torch.ops.aten._weight_int4pack_mm_for_cpu(x16, ws[i][0], group, ws[i][1])
-    if kernels is not None and kernels.int4 and cpu_int4_layout() == NATIVE_LAYOUT:
+    if kernels is not None and native_layout(kernels) == cpu_int4_layout():
         yield f"native int4 g{group} fp32 x", n * k // 2 + 4 * n * k // group, q4b, \
             lambda ws, i: kernels.gemv_int4(ws[i][0], ws[i][1], x32[0], None, group)
 
@@ -148,19 +150,22 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--group", type=int, default=128, help="int4 group size along K")
     ap.add_argument("--compile", action="store_true", help="also time a torch.compile (inductor) GEMV")
+    ap.add_argument("--set", choices=sorted(native.SETS), help="the native loops of this instruction set "
+                    "(default: the best this CPU runs)")
     args = ap.parse_args()
+    kernels = native.load(args.set) if args.set else native.kernels()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; weights rotate through {POOL_BYTES >> 20} MiB; "
-          f"{native.status().reason}")
+          f"native kernels: {kernels.kinds() if kernels else native.status().reason}")
     with torch.inference_mode():
         for shape in args.shapes:
             n, k = SHAPES[shape]
             count = max(1, -(-POOL_BYTES // (4 * n * k)))  # fp32 copies in the pool
             print(f"\n{shape} (out x in), pool of {count}: {'kernel':36s} {'ms':>8s} {'GB/s':>7s} {'vs read':>8s}")
             ceiling = {}
-            for name, nbytes, weights, fn in candidates(n, k, count, args.compile, args.group):
+            for name, nbytes, weights, fn in candidates(n, k, count, args.compile, args.group, kernels):
                 seconds = best_time(lambda i: fn(weights, i), len(weights), args.repeat)
                 gbs = nbytes / seconds / 1e9
                 if name.startswith("stream read"):

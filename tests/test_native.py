@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from qwenvl_cli.generate import Generator, SamplingParams, reference_generate
 from qwenvl_cli.model import native
+from qwenvl_cli.model.int4 import Int4Layout
 from qwenvl_cli.model.loader import load_model, open_checkpoint
 from qwenvl_cli.model.quant import NativeLinear, quantize_int8
 
@@ -24,16 +25,21 @@ PROMPT = [151644, 872, 198, 3838, 374, 279, 6722, 315, 9625, 30, 151645, 198, 15
 SHAPES = [(1, 1), (7, 15), (8, 16), (9, 17), (17, 31), (33, 64), (5, 100), (64, 2048), (1000, 160)]
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    """The kernels; a skip only where the platform rules them out (no AVX-512, not Linux, no compiler):
-    a build or check that fails on a capable machine fails the tests."""
+@pytest.fixture(scope="module", params=native.usable_sets() or ["none"])
+def kernels(request):
+    """Each instruction set's loops that this CPU runs, in turn (an AVX-512 machine tests the AVX2 ones as
+    well), made the process's kernels while the module's tests use them (so models loaded in them run on
+    that set); a skip only where the platform rules them out (not x86-64 Linux with AVX2 and FMA, no
+    compiler): a build or check that fails on a capable machine fails the tests."""
     status = native.status()
     if status.kernels is None:
         if status.broken and "no C compiler" not in status.reason:
             pytest.fail(status.reason)
         pytest.skip(f"native kernels unavailable here: {status.reason}")
-    return status.kernels
+    chosen = status.kernels if request.param == status.kernels.isa else native.load(request.param)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, "status", lambda: native.Status(chosen, f"native {chosen.kinds()} kernels"))
+        yield chosen
 
 
 def _ulp_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -57,8 +63,6 @@ def test_float32_gemv_equals_the_float64_product(kernels, n, k, bias):
 @pytest.mark.parametrize("n, k", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_bfloat16_gemv_is_the_float32_sum_rounded_once(kernels, n, k, bias):
-    if not kernels.bf16:
-        pytest.skip("this CPU has no AVX512-BF16")
     g = torch.Generator().manual_seed(n * 1000 + k + 1)
     w, x, b = (torch.randn(s, generator=g).bfloat16() for s in ((n, k), (k,), (n,)))
     got = kernels.gemv(w, x, b if bias else None)
@@ -87,18 +91,16 @@ def test_nan_and_infinity_reach_the_output(kernels):
     x = torch.ones(40)
     x[3] = float("nan")
     assert kernels.gemv(w, x, None).isnan().all()
-    if kernels.bf16:
-        assert kernels.gemv(w.bfloat16(), x.bfloat16(), None).isnan().all()
-        big = torch.full((40,), 3e38).bfloat16()
-        assert kernels.gemv(w.bfloat16(), big, None).isinf().all()  # the bfloat16 rounding overflows to inf
+    assert kernels.gemv(w.bfloat16(), x.bfloat16(), None).isnan().all()
+    big = torch.full((40,), 3e38).bfloat16()
+    assert kernels.gemv(w.bfloat16(), big, None).isinf().all()  # the bfloat16 rounding overflows to inf
     assert kernels.gemv_int8(w.to(torch.int8), torch.ones(9).bfloat16(), x, None).isnan().all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 96), (1, 1, 96), (5, 96), (2, 3, 96)])
 def test_native_linear_equals_f_linear_and_keeps_the_weight_tensor(kernels, dtype, shape):
-    if not kernels.supports(dtype):
-        pytest.skip("this CPU has no AVX512-BF16")
+    assert kernels.supports(dtype)
     torch.manual_seed(0)
     w, b = torch.randn(200, 96).to(dtype), torch.randn(200).to(dtype)
     lin = NativeLinear(w, b, kernels)
@@ -165,7 +167,7 @@ INT4_SHAPES = [(16, 64, 32), (64, 32, 32), (80, 96, 32), (208, 256, 128), (1024,
 
 def _int4_kernels(kernels):
     if not kernels.int4:
-        pytest.skip("this CPU has no AVX512-BF16 with AVX512-VBMI")
+        pytest.skip("this CPU's AVX-512 has no VBMI and VNNI (its AVX2 loops serve torch's AVX2 pack only)")
     return kernels
 
 
@@ -186,7 +188,7 @@ def test_int4_gemv_is_exact_where_every_sum_is(kernels, n, k, group, bias):
     b = torch.randint(-64, 65, (n,), generator=g).float() / 8
     w = (q.double() - 8) * scale.repeat_interleave(group, 0).t() + zero.repeat_interleave(group, 0).t()
     want = w @ x.double() + (b.double() if bias else 0)
-    got = kernels.gemv_int4(native.pack_int4_avx512(q), sz, x, b if bias else None, group)
+    got = kernels.gemv_int4(native.pack_int4_spelled(q, kernels.int4_rows), sz, x, b if bias else None, group)
     assert got.dtype == torch.float32 and got.shape == (n,)
     assert torch.equal(got.double(), want)
 
@@ -204,7 +206,7 @@ def test_int4_gemv_on_real_values_is_within_its_activation_rounding(kernels, n, 
     x = torch.randn(k, generator=g) * torch.exp2(torch.randint(-6, 6, (k,), generator=g).float())
     scale, zero = sz.double().repeat_interleave(group, 0).unbind(2)
     w = (q.double() - 8) * scale.t() + zero.t()
-    got = kernels.gemv_int4(native.pack_int4_avx512(q), sz, x, None, group).double()
+    got = kernels.gemv_int4(native.pack_int4_spelled(q, kernels.int4_rows), sz, x, None, group).double()
     step = x.double().abs().view(-1, group).amax(1).repeat_interleave(group) * 2**-14  # per k, at most
     bound = w.abs() @ (step / 2) + 4 * (group + k // group) * 2**-24 * ((w.abs() + 16 * scale.t()) @ x.double().abs())
     error = (got - w @ x.double()).abs()
@@ -218,40 +220,41 @@ def test_int4_gemv_answers_nan_for_a_non_finite_activation_and_rejects_other_dty
     for bad in (float("nan"), float("inf")):
         x = torch.ones(64)
         x[5] = bad
-        assert kernels.gemv_int4(native.pack_int4_avx512(q), sz, x, None, 32).isnan().all()
+        assert kernels.gemv_int4(native.pack_int4_spelled(q, kernels.int4_rows), sz, x, None, 32).isnan().all()
     with pytest.raises(ValueError, match="x"):
-        kernels.gemv_int4(native.pack_int4_avx512(q), sz, torch.ones(64).bfloat16(), None, 32)
+        kernels.gemv_int4(native.pack_int4_spelled(q, kernels.int4_rows), sz, torch.ones(64).bfloat16(), None, 32)
     # a group of subnormals (its power of two is below float32's range) and a group of zeros: finite
     x = torch.cat([torch.full((32,), 3e-41), torch.zeros(32)])
     q = torch.randint(0, 16, (64, 64), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
-    got = kernels.gemv_int4(native.pack_int4_avx512(q), sz, x, None, 32)
+    got = kernels.gemv_int4(native.pack_int4_spelled(q, kernels.int4_rows), sz, x, None, 32)
     want = ((q.double() - 8) + 1) @ x.double()
     assert torch.isfinite(got).all() and torch.allclose(got.double(), want, rtol=1e-3, atol=1e-44)
 
 
-def test_int4_pack_spelled_out_is_torchs(kernels):
-    """native.pack_int4_avx512 (the layout gemv.c reads) against torch's packer, where this process packs
-    to that layout (torch's AVX-512 build)."""
-    from qwenvl_cli.model.int4 import NATIVE_LAYOUT, cpu_int4_layout, pack_int4
+@pytest.mark.parametrize("block_rows", [64, 32])
+def test_int4_pack_spelled_out_is_torchs(block_rows):
+    """native.pack_int4_spelled (the layouts gemv.c reads) against torch's packer, for the layout this
+    process's torch packs to (64-row blocks in its AVX-512 build, 32 in its AVX2 one)."""
+    from qwenvl_cli.model.int4 import cpu_int4_layout, pack_int4
 
-    if cpu_int4_layout() != NATIVE_LAYOUT:
+    if cpu_int4_layout() != Int4Layout(block_rows, True):
         pytest.skip(f"torch packs int4 as {cpu_int4_layout()} here")
     q = torch.randint(0, 16, (176, 256), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
-    assert torch.equal(native.pack_int4_avx512(q), pack_int4(q))
+    assert torch.equal(native.pack_int4_spelled(q, block_rows), pack_int4(q))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_native_path_matches_the_quantized_oracle(kernels, dtype):
     """One row through Int4Linear on the native kernel against dequantize-then-matmul in float32, within the
     kernel's int16 rounding of the activations; more rows go to torch's kernel."""
-    from qwenvl_cli.model.int4 import NATIVE_LAYOUT, Int4Linear
+    from qwenvl_cli.model.int4 import Int4Linear, native_layout
 
     _int4_kernels(kernels)
     torch.manual_seed(4)
     w, b = torch.randn(320, 256) / 16, torch.randn(320)
     layer = Int4Linear.from_float(w, b, dtype)
-    if layer.layout != NATIVE_LAYOUT:
-        pytest.skip(f"torch packs int4 as {layer.layout} here")
+    if layer.layout != native_layout(kernels):
+        pytest.skip(f"torch packs int4 as {layer.layout} here, the {kernels.isa} kernel reads {native_layout(kernels)}")
     x = torch.randn(1, 1, 256).to(dtype)
     with torch.inference_mode():
         got, want = layer(x), layer.reference(x)
@@ -308,7 +311,7 @@ def test_native_rms_norm_declines_what_torch_sums_another_way(kernels):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads, kv, hd, length", [(8, 2, 64, 1), (8, 2, 64, 300), (16, 2, 128, 5000),
-                                                  (4, 4, 16, 37), (28, 4, 128, 1000)])
+                                                  (4, 4, 16, 37), (28, 4, 128, 1000), (4, 2, 40, 33)])
 def test_decode_attention_native_is_the_torch_form_and_sdpa(kernels, dtype, heads, kv, hd, length):
     """On views of a preallocated cache (rows of a longer buffer), as the decode step passes them: within
     float32 summation error of the two-matmul torch form and of SDPA, in the query's dtype."""
@@ -320,6 +323,9 @@ def test_decode_attention_native_is_the_torch_form_and_sdpa(kernels, dtype, head
     k, v = cache_k.narrow(2, 0, length), cache_v.narrow(2, 0, length)
     q = (2 * torch.randn(1, heads, 1, hd, generator=g)).to(dtype)
     got = kernels.decode_attention(q, k, v)
+    if hd % (16 if kernels.isa == "avx512" else 8):
+        assert got is None  # 40: the AVX2 loops take it, the AVX-512 ones (16 lanes) decline
+        return
     assert got.dtype == dtype and got.shape == (1, heads, 1, hd)
     torch_form = decode_attention_torch(q, k, v)
     sdpa = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=kv != heads).to(dtype)
@@ -329,7 +335,7 @@ def test_decode_attention_native_is_the_torch_form_and_sdpa(kernels, dtype, head
 
 
 def test_decode_attention_native_declines_what_it_does_not_take(kernels):
-    q, k = torch.randn(1, 4, 1, 24), torch.randn(1, 2, 5, 24)  # head size not a multiple of 16
+    q, k = torch.randn(1, 4, 1, 20), torch.randn(1, 2, 5, 20)  # head size not a multiple of 16 nor of 8
     assert kernels.decode_attention(q, k, k) is None
     q, k = torch.randn(2, 4, 1, 32), torch.randn(2, 2, 5, 32)  # a batch
     assert kernels.decode_attention(q, k, k) is None
@@ -418,18 +424,18 @@ def test_missing_compiler_failed_build_and_switch_leave_torch_in_charge(tmp_path
 def test_library_is_built_once_and_a_corrupt_cache_is_rebuilt(tmp_path, kernels):
     """A compiler wrapper counts its runs: the second process loads the cached library without compiling;
     a cached file overwritten with garbage is compiled again and used."""
-    from qwenvl_cli.model.native import compiler
+    from qwenvl_cli.model.native import SET_NAMES, compiler, usable_sets
 
     log = tmp_path / "runs.log"
     cc = tmp_path / "counting-cc"
     cc.write_text(f"#!/bin/sh\necho run >> {log}\nexec {compiler()} \"$@\"\n")
     cc.chmod(0o755)
-    assert _status(tmp_path, CC=str(cc)).startswith("native AVX-512 kernels")
-    assert _status(tmp_path, CC=str(cc)).startswith("native AVX-512 kernels")
+    assert _status(tmp_path, CC=str(cc)).startswith(f"native {SET_NAMES[usable_sets()[0]]} (")
+    assert _status(tmp_path, CC=str(cc)).startswith(f"native {SET_NAMES[usable_sets()[0]]} (")
     assert log.read_text().count("run") == 1
     (built,) = (tmp_path / "cache").glob("gemv-*.so")
     built.write_bytes(b"not an ELF file")
-    assert _status(tmp_path, CC=str(cc)).startswith("native AVX-512 kernels")
+    assert _status(tmp_path, CC=str(cc)).startswith(f"native {SET_NAMES[usable_sets()[0]]} (")
     assert log.read_text().count("run") == 2
 
 

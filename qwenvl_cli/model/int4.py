@@ -45,7 +45,11 @@ class Int4Layout:
 
 # The kernel's builds as of torch 2.13: AVX512 (64, True), AVX2 (32, True), no SIMD (32, False).
 _CANDIDATE_LAYOUTS = (Int4Layout(64, True), Int4Layout(32, True), Int4Layout(32, False))
-NATIVE_LAYOUT = Int4Layout(64, True)  # the one native.Kernels.gemv_int4 reads (the AVX-512 build's)
+
+
+def native_layout(kernels: native.Kernels) -> Int4Layout | None:
+    """The pack the native int4 kernel reads (torch's for the kernels' instruction set), or None."""
+    return Int4Layout(kernels.int4_rows, True) if kernels.int4_rows else None
 
 
 def check_int4_shape(n: int, k: int, group_size: int) -> None:
@@ -260,7 +264,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
         kernels = native.kernels() if x.device.type == "cpu" and x.numel() == self.in_features else None
-        if kernels is not None and kernels.int4 and self.layout == NATIVE_LAYOUT:  # the decode step: float32
+        if kernels is not None and self.layout == native_layout(kernels):  # the decode step: float32
             # activations (the kernel takes each group of them as int16 itself), the bias added in float32
             bias = None if self.bias is None else self.bias.float()
             y = kernels.gemv_int4(self.weight, self.scales_and_zeros, x.reshape(-1).float().contiguous(), bias,

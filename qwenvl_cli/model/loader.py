@@ -33,6 +33,7 @@ from qwenvl_cli.model.quant import (
     decoder_linear_names,
     fuse_projections,
     one_thread,
+    onednn_packs,
     pack_linears,
     quantized_linear,
     replace_module,
@@ -321,7 +322,7 @@ def load_model(
     # without them it is packed apart from the table (TiedHead).
     native_head = tied and not quantize and kernels is not None and kernels.supports(dtype)
     split_tied = (tied and pack and not quantize and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-                  and not native_head)
+                  and not native_head and onednn_packs(dtype))
     table: torch.Tensor | None = None
     expected = {name: p.shape for name, p in model.named_parameters()}
     if tied:

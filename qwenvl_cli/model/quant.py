@@ -14,6 +14,7 @@ faster than those.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 import torch
@@ -51,6 +52,18 @@ def _upcasts(module: nn.Module, x: torch.Tensor) -> bool:
 def _linear_rows(x: torch.Tensor) -> torch.Tensor:
     """(..., K) -> (rows, K), contiguous as the CPU kernels need."""
     return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+@functools.cache
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """oneDNN packs and multiplies `dtype` weights on this CPU: float32 everywhere; bfloat16 only with
+    AVX512BW/VL/DQ or AVX-NE-CONVERT (torch refuses it on AVX2 CPUs such as Zen 3). Found by trying."""
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=dtype), 1)
+        torch.ops.mkldnn._linear_pointwise(torch.ones(1, 16, dtype=dtype), w, None, "none", [], "")
+    except RuntimeError:
+        return False
+    return True
 
 
 class PackedLinear(nn.Module):
@@ -341,7 +354,8 @@ def decoder_linear_names(model: nn.Module) -> list[str]:
 
 def pack_linears(model: nn.Module, names: list[str], on_packed=None) -> None:
     """Swap the named float nn.Linear modules (on CPU) for their decode form, one at a time: NativeLinear
-    where the native kernels take the dtype (the weight kept as it is), else PackedLinear, repacked on one
+    where the native kernels take the dtype (the weight kept as it is), else PackedLinear where oneDNN
+    packs the dtype (else the module stays plain), repacked on one
     thread: a reorder is a memory copy, and with two threads each call paid ~8 ms of thread hand-off on the
     shared 2-core box (0.1-0.3 ms on one thread, the same 58 ms for 2048x11008 fp32). `on_packed(dense)`
     gets each plain weight once it is no longer used."""
@@ -355,7 +369,7 @@ def pack_linears(model: nn.Module, names: list[str], on_packed=None) -> None:
                 continue
             if kernels is not None and kernels.supports(w.dtype):
                 replace_module(model, name, NativeLinear.from_linear(module, kernels))
-            else:
+            elif onednn_packs(w.dtype):
                 replace_module(model, name, PackedLinear.from_linear(module))
                 if on_packed is not None:
                     on_packed(module.weight)

@@ -1,9 +1,9 @@
-"""The native kernels (gemv.c: the decode step's matrix-vector products and one-query attention, RMSNorm,
-and the vision attention's rotary gather and scatter): built on first use with the system C compiler into a
-per-user cache,
-loaded with ctypes after torch (so their OpenMP threads are torch's), checked against torch on a small
-product before use. Anything missing (not x86-64 Linux with AVX-512, no compiler, a failed build or check,
-QWENVL_NATIVE=0) leaves `kernels()` None, with the reason in `status()`, and torch's kernels serve.
+"""The native kernels (gemv.c: the decode step's matrix-vector products; attention.c: its one-query
+attention; norm.c: RMSNorm; vision.c: the vision attention's rotary gather and scatter), with inner loops
+for AVX-512 (avx512.c) and for AVX2 (avx2.c): built on first use with the system C compiler into a per-user
+cache, loaded with ctypes after torch (so their OpenMP threads are torch's), checked against torch on small
+products before use. Anything missing (not x86-64 Linux with AVX2 and FMA, no compiler, a failed build or
+check, QWENVL_NATIVE=0) leaves `kernels()` None, with the reason in `status()`, and torch's kernels serve.
 """
 
 from __future__ import annotations
@@ -22,10 +22,15 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("gemv.c")
-ABI = 1  # qv_abi() of the source above; a library answering otherwise is rebuilt
-FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11", "-lm")
-NEEDED = {"avx512f", "avx512bw", "avx512vl", "fma"}  # every kernel; bfloat16 also needs avx512_bf16
+SOURCES = tuple(sorted(Path(__file__).parent.glob("*.[ch]")))  # compiled together into one library
+ABI = 2  # qv_abi() of the sources above; a library answering otherwise is rebuilt
+FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11")
+LIBS = ("-lm",)
+# The instruction sets, best first: what each needs of the CPU for its float32, int8 and attention loops.
+# bfloat16 on the AVX-512 set uses AVX512-BF16 where the CPU has it (else the AVX2 loop); int4 reads torch's
+# pack for that set, with AVX512-VBMI and AVX512-VNNI on the AVX-512 one.
+SETS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "fma"}, "avx2": {"avx2", "fma"}}
+SET_NAMES = {"avx512": "AVX-512", "avx2": "AVX2"}
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 
@@ -39,13 +44,18 @@ class Status:
 class Kernels:
     """Typed calls into the library. Every tensor is a contiguous CPU tensor; shapes in the comments."""
 
-    def __init__(self, lib: ctypes.CDLL, bf16: bool, int4: bool) -> None:
-        self.bf16 = bf16
-        self.int4 = int4  # needs AVX512-VBMI and AVX512-VNNI as well
-        self._f32 = lib.qv_gemv_f32
-        self._bf16 = lib.qv_gemv_bf16
-        self._int8 = lib.qv_gemv_int8
-        self._int4 = lib.qv_gemv_int4
+    def __init__(self, lib: ctypes.CDLL, isa: str, flags: set[str]) -> None:
+        """The loops of instruction set `isa` (a key of SETS) for a CPU with `flags`."""
+        self.isa = isa
+        bf16_set = "avx512" if isa == "avx512" and "avx512_bf16" in flags else "avx2"
+        int4 = isa == "avx2" or {"avx512vbmi", "avx512_vnni"} <= flags
+        # rows per block of the int4 pack the kernel reads: torch's for this set (model/int4.py), or None
+        self.int4_rows = (64 if isa == "avx512" else 32) if int4 else None
+        self.int4 = int4
+        self._f32 = getattr(lib, f"qv_gemv_f32_{isa}")
+        self._bf16 = getattr(lib, f"qv_gemv_bf16_{bf16_set}")
+        self._int8 = getattr(lib, f"qv_gemv_int8_{isa}")
+        self._int4 = getattr(lib, f"qv_gemv_int4_{isa}")
         for fn, args in ((self._f32, 6), (self._bf16, 6), (self._int8, 7)):
             fn.argtypes = [_P] * (args - 2) + [_I, _I]
             fn.restype = None
@@ -57,7 +67,8 @@ class Kernels:
         self._scatter = lib.qv_scatter_rows
         self._scatter.argtypes = [_P, _I, _I, _I, _I, _I, _I, _I, _P, _I, _P]
         self._scatter.restype = None
-        self._attention = {torch.float32: lib.qv_decode_attention_f32, torch.bfloat16: lib.qv_decode_attention_bf16}
+        self._attention = {torch.float32: getattr(lib, f"qv_decode_attention_f32_{isa}"),
+                           torch.bfloat16: getattr(lib, f"qv_decode_attention_bf16_{isa}")}
         for fn in self._attention.values():
             fn.argtypes = [_P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P, _P]
             fn.restype = _I
@@ -66,8 +77,13 @@ class Kernels:
             fn.argtypes = [_P, _P, ctypes.c_float, _P, _I, _I]
             fn.restype = _I
 
+    def kinds(self) -> str:
+        """What the kernels serve, for --verbose: "AVX-512 (bfloat16, float32, int8, int4)"."""
+        kinds = ["bfloat16", "float32", "int8"] + ["int4"] * self.int4
+        return f"{SET_NAMES[self.isa]} ({', '.join(kinds)})"
+
     def supports(self, dtype: torch.dtype) -> bool:
-        return dtype == torch.float32 or (dtype == torch.bfloat16 and self.bf16)
+        return dtype in (torch.float32, torch.bfloat16)  # bfloat16: AVX512-BF16's pairs, or AVX2's widening
 
     def gemv(self, weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """weight # (N, K), x # (K,), bias # (N,) or None, all float32 or all bfloat16 -> (N,)."""
@@ -89,8 +105,8 @@ class Kernels:
 
     def gemv_int4(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, x: torch.Tensor,
                   bias: torch.Tensor | None, group: int) -> torch.Tensor:
-        """packed # (N, K/2) uint8 in torch's AVX-512 int4 pack (row blocks of 64, see gemv.c and
-        model/int4.py), scales_and_zeros # (K/group, N, 2) bfloat16, x # (K,) float32, bias # (N,)
+        """packed # (N, K/2) uint8 in torch's int4 pack for this set (row blocks of `int4_rows`, see gemv.c
+        and model/int4.py), scales_and_zeros # (K/group, N, 2) bfloat16, x # (K,) float32, bias # (N,)
         float32 or None -> (N,) float32: sum_k ((q - 8) * scale + zero) * x (+ bias), N % 16 == 0, with
         each group of x taken as int16 times a power of two (gemv.c: exact for bfloat16 values within 2^7 of
         the group's largest, else off by at most 2^-15 of it)."""
@@ -122,7 +138,7 @@ class Kernels:
         """One query per head over the cache, grouped: q # (1, H, 1, hd), k/v # (1, kv, L, hd) views of the
         cache (rows of hd contiguous, k and v alike), float32 or bfloat16 -> (1, H, 1, hd) in q's dtype,
         computed in float32 as text.decode_attention; None where it does not apply (a batch, other dtypes
-        or layouts, hd not a multiple of 16 up to 256)."""
+        or layouts, hd not a multiple of the set's vector, 16 or 8 float32, up to 256)."""
         fn = self._attention.get(k.dtype)
         b, h, one, hd = q.shape
         _, kv, length, _ = k.shape
@@ -186,17 +202,29 @@ def kernels() -> Kernels | None:
 def status() -> Status:
     if os.environ.get("QWENVL_NATIVE", "1") == "0":
         return Status(None, "torch's kernels (QWENVL_NATIVE=0)")
-    flags = cpu_flags()
-    if not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")) or not NEEDED <= flags:
-        return Status(None, "torch's kernels (the native ones need an x86-64 Linux CPU with AVX-512)")
+    found = usable_sets()
+    if not found:
+        return Status(None, "torch's kernels (the native ones need an x86-64 Linux CPU with AVX2 and FMA)")
     try:
-        bf16 = "avx512_bf16" in flags
-        found = Kernels(_load(), bf16=bf16, int4={"avx512vbmi", "avx512_vnni"} <= flags)
-        _check(found)
+        best = load(found[0])
     except (OSError, subprocess.SubprocessError, AttributeError, AssertionError) as exc:
         return Status(None, f"torch's kernels (native ones unavailable: {_first_line(exc)})", broken=True)
-    kinds = ["bfloat16"] * found.bf16 + ["float32", "int8"] + ["int4"] * found.int4
-    return Status(found, f"native AVX-512 kernels ({', '.join(kinds)})")
+    return Status(best, f"native {best.kinds()} kernels")
+
+
+def usable_sets() -> list[str]:
+    """The instruction sets this CPU runs (keys of SETS), best first; none off x86-64 Linux."""
+    if not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")):
+        return []
+    flags = cpu_flags()
+    return [isa for isa, needed in SETS.items() if needed <= flags]
+
+
+def load(isa: str) -> Kernels:
+    """The library's loops for `isa`, checked against torch (the CPU must run them: `usable_sets`)."""
+    found = Kernels(_load(), isa, cpu_flags())
+    _check(found)
+    return found
 
 
 def cache_dir() -> Path:
@@ -235,8 +263,8 @@ def _library() -> Path:
         stat = os.stat(resolved)
     except OSError as exc:
         raise OSError(f"C compiler {cc!r} not found") from exc
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), resolved.encode(),
-                                     f"{stat.st_size}:{stat.st_mtime_ns}".encode()])).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([*(path.read_bytes() for path in SOURCES), " ".join(FLAGS + LIBS).encode(),
+                                     resolved.encode(), f"{stat.st_size}:{stat.st_mtime_ns}".encode()])).hexdigest()[:16]
     for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"qwenvl-native-{os.getuid()}"):
         try:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -248,7 +276,8 @@ def _library() -> Path:
         if target.is_file():
             return target
         tmp = folder / f".gemv-{key}.{os.getpid()}.so"
-        run = subprocess.run([cc, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True,
+        sources = [str(path) for path in SOURCES if path.suffix == ".c"]
+        run = subprocess.run([cc, *FLAGS, "-o", str(tmp), *sources, *LIBS], capture_output=True, text=True,
                              timeout=120)
         if run.returncode != 0:
             tmp.unlink(missing_ok=True)
@@ -274,33 +303,33 @@ def _check(found: Kernels) -> None:
         w, x, b = (torch.randn(shape, generator=g) for shape in ((n, k), (k,), (n,)))
         want = torch.addmv(b.double(), w.double(), x.double())
         assert torch.allclose(found.gemv(w, x, b).double(), want, rtol=1e-5, atol=1e-5), "float32 check failed"
-        if found.bf16:
-            wb, xb, bb = w.bfloat16(), x.bfloat16(), b.bfloat16()
-            got = found.gemv(wb, xb, bb).double()
-            want = torch.addmv(bb.double(), wb.double(), xb.double())
-            assert torch.allclose(got, want, rtol=2**-7, atol=1e-2), "bfloat16 check failed"
+        wb, xb, bb = w.bfloat16(), x.bfloat16(), b.bfloat16()
+        got = found.gemv(wb, xb, bb).double()
+        want = torch.addmv(bb.double(), wb.double(), xb.double())
+        assert torch.allclose(got, want, rtol=2**-7, atol=1e-2), "bfloat16 check failed"
         q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
         s = torch.rand(n, generator=g).bfloat16()
         want = (q.double() @ x.double()) * s.double() + b.double()
         assert torch.allclose(found.gemv_int8(q, s, x, b).double(), want, rtol=1e-5, atol=1e-4), "int8 check failed"
-    if found.int4:  # 80 rows: one block of 64 and a tail of 16; groups of 32
+    if found.int4:  # 80 rows: one block of 64 and a tail of 16, or two of 32 and a tail; groups of 32
         n, k, group = 80, 96, 32
         q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
         sz = torch.randn(k // group, n, 2, generator=g).bfloat16()
         x, b = torch.randn(k, generator=g), torch.randn(n, generator=g)
         scale, zero = sz.double().repeat_interleave(group, 0).unbind(2)  # (K, N) each
         want = ((q.double() - 8) * scale.t() + zero.t()) @ x.double() + b.double()
-        got = found.gemv_int4(pack_int4_avx512(q), sz, x, b, group).double()
+        got = found.gemv_int4(pack_int4_spelled(q, found.int4_rows), sz, x, b, group).double()
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-2), "int4 check failed"
 
 
-def pack_int4_avx512(q: torch.Tensor) -> torch.Tensor:
-    """q # (N, K) uint8 in [0, 15] -> (N, K/2) uint8 in torch's AVX-512 int4 pack, spelled out (gemv.c
-    says the layout; model/int4.py packs with torch's own op): blocks of 64 rows, k-major, byte j = row j
-    | row j + 32 << 4; a tail of N % 64 rows pairs rows 2j | 2j + 1 << 4."""
+def pack_int4_spelled(q: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """q # (N, K) uint8 in [0, 15] -> (N, K/2) uint8 in torch's int4 pack with row blocks of `block_rows`
+    (64: its AVX-512 build, 32: its AVX2 one), spelled out (gemv.c says the layout; model/int4.py packs
+    with torch's own op): k-major blocks, byte j = row j | row j + block_rows/2 << 4; a tail of
+    N % block_rows rows pairs rows 2j | 2j + 1 << 4."""
     n, k = q.shape
-    full = n // 64 * 64
-    blocks = q[:full].view(-1, 2, 32, k)  # (B, half, j, K)
+    full = n // block_rows * block_rows
+    blocks = q[:full].view(-1, 2, block_rows // 2, k)  # (B, half, j, K)
     head = (blocks[:, 0] | blocks[:, 1] << 4).transpose(1, 2).reshape(full, k // 2)
     tail = q[full:].view(-1, 2, k)  # (T/2, pair, K)
     rest = (tail[:, 0] | tail[:, 1] << 4).t().reshape(n - full, k // 2)

@@ -1,0 +1,263 @@
+/* The AVX2 inner loops (common.h says what each computes; gemv.c and attention.c drive them), for CPUs
+ * without AVX-512 (Zen 1-3, Intel client cores): 8 float32 lanes and 16 vector registers.
+ *
+ * float32, bfloat16 and int8: ROWS rows at a time, one prefetch a 64-byte line of each row. bfloat16 is
+ * widened by unpacking with zeros (a bfloat16 is the top half of its float32), the activations through
+ * the same shuffle so that lane for lane the right pairs multiply. int4: torch's AVX2 pack (rows in
+ * blocks of 32), summed exactly in int32 by vpshufb + vpmaddwd, the same sums as the AVX-512 kernel's.
+ */
+#include <immintrin.h>
+
+#include "common.h"
+
+/* Masks of the first 0..8 lanes: TAIL + 8 - left. */
+static const int32_t TAIL[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+
+AVX2_TARGET static inline __m256i first_lanes(int64_t left) {
+    return _mm256_loadu_si256((const __m256i *)(TAIL + 8 - (left < 8 ? left : 8)));
+}
+
+AVX2_TARGET static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* ---- float32: two vectors (one line) of each row a step ---- */
+
+AVX2_TARGET void f32_block_avx2(const float *w, const float *x, int64_t k, int rows, float *sums) {
+    int64_t ahead = prefetch_distance(k * 4);
+    __m256 acc[ROWS];
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+    int64_t full = k / 16 * 16;
+    if (rows == ROWS) {
+        for (int64_t i = 0; i < full; i += 16) {
+            __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+            for (int r = 0; r < ROWS; r++) {
+                const float *row = w + r * k + i;
+                _mm_prefetch((const char *)row + ahead, _MM_HINT_T0);
+                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(row), x0, acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(row + 8), x1, acc[r]);
+            }
+        }
+    } else {
+        for (int r = 0; r < rows; r++)
+            for (int64_t i = 0; i < full; i += 8)
+                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * k + i), _mm256_loadu_ps(x + i), acc[r]);
+    }
+    for (int64_t i = full; i < k; i += 8) {
+        __m256i m = first_lanes(k - i);
+        __m256 xv = _mm256_maskload_ps(x + i, m);
+        for (int r = 0; r < rows; r++) acc[r] = _mm256_fmadd_ps(_mm256_maskload_ps(w + r * k + i, m), xv, acc[r]);
+    }
+    for (int r = 0; r < rows; r++) sums[r] = sum8(acc[r]);
+}
+
+/* ---- bfloat16: 16 weights (32 bytes) a vector, widened to two of float32 ---- */
+
+/* Elements 0-3 and 8-11 of 16 bfloat16 as float32; _hi: 4-7 and 12-15. */
+AVX2_TARGET static inline __m256 bf16_lo(__m256i v) {
+    return _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), v));
+}
+
+AVX2_TARGET static inline __m256 bf16_hi(__m256i v) {
+    return _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), v));
+}
+
+AVX2_TARGET static inline __m256 bf16_dot16(__m256i w, __m256i x, __m256 acc) {
+    return _mm256_fmadd_ps(bf16_hi(w), bf16_hi(x), _mm256_fmadd_ps(bf16_lo(w), bf16_lo(x), acc));
+}
+
+AVX2_TARGET void bf16_block_avx2(const uint16_t *w, const uint16_t *x, int64_t k, int rows, float *sums) {
+    int64_t ahead = prefetch_distance(k * 2);
+    __m256 acc[ROWS];
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+    int64_t full = k / 32 * 32;
+    if (rows == ROWS) {
+        for (int64_t i = 0; i < full; i += 32) {
+            __m256i xa = _mm256_loadu_si256((const __m256i *)(x + i));
+            __m256i xb = _mm256_loadu_si256((const __m256i *)(x + i + 16));
+            __m256 x0 = bf16_lo(xa), x1 = bf16_hi(xa), x2 = bf16_lo(xb), x3 = bf16_hi(xb);
+            for (int r = 0; r < ROWS; r++) {
+                const uint16_t *row = w + r * k + i;
+                _mm_prefetch((const char *)row + ahead, _MM_HINT_T0);
+                __m256i a = _mm256_loadu_si256((const __m256i *)row);
+                __m256i b = _mm256_loadu_si256((const __m256i *)(row + 16));
+                __m256 s = _mm256_fmadd_ps(bf16_lo(a), x0, acc[r]);
+                s = _mm256_fmadd_ps(bf16_hi(a), x1, s);
+                s = _mm256_fmadd_ps(bf16_lo(b), x2, s);
+                acc[r] = _mm256_fmadd_ps(bf16_hi(b), x3, s);
+            }
+        }
+    } else {
+        for (int r = 0; r < rows; r++)
+            for (int64_t i = 0; i < full; i += 16)
+                acc[r] = bf16_dot16(_mm256_loadu_si256((const __m256i *)(w + r * k + i)),
+                                    _mm256_loadu_si256((const __m256i *)(x + i)), acc[r]);
+    }
+    for (int64_t i = full; i < k; i += 16) { /* the last < 32: zero-padded copies of 16 */
+        int64_t left = k - i < 16 ? k - i : 16;
+        uint16_t xt[16] = {0}, wt[16] = {0};
+        memcpy(xt, x + i, (size_t)left * 2);
+        __m256i xv = _mm256_loadu_si256((const __m256i *)xt);
+        for (int r = 0; r < rows; r++) {
+            memcpy(wt, w + r * k + i, (size_t)left * 2);
+            acc[r] = bf16_dot16(_mm256_loadu_si256((const __m256i *)wt), xv, acc[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++) sums[r] = sum8(acc[r]);
+}
+
+/* ---- int8 weights (the scale applied by the driver), float32 activations: 64 weights (one line) a step,
+ * in two halves of four vectors so that the activations stay in registers ---- */
+
+AVX2_TARGET static inline __m256 int8x8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+AVX2_TARGET void int8_block_avx2(const int8_t *w, const float *x, int64_t k, int rows, float *sums) {
+    int64_t ahead = prefetch_distance(k * 1);
+    __m256 acc[ROWS];
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+    int64_t full = k / 64 * 64;
+    if (rows == ROWS) {
+        for (int64_t i = 0; i < full; i += 64) {
+            for (int64_t h = i; h < i + 64; h += 32) {
+                __m256 x0 = _mm256_loadu_ps(x + h), x1 = _mm256_loadu_ps(x + h + 8);
+                __m256 x2 = _mm256_loadu_ps(x + h + 16), x3 = _mm256_loadu_ps(x + h + 24);
+                for (int r = 0; r < ROWS; r++) {
+                    const int8_t *row = w + r * k + h;
+                    if (h == i) _mm_prefetch((const char *)row + ahead, _MM_HINT_T0);
+                    __m256 a = _mm256_fmadd_ps(int8x8(row), x0, acc[r]);
+                    a = _mm256_fmadd_ps(int8x8(row + 8), x1, a);
+                    a = _mm256_fmadd_ps(int8x8(row + 16), x2, a);
+                    acc[r] = _mm256_fmadd_ps(int8x8(row + 24), x3, a);
+                }
+            }
+        }
+    } else {
+        for (int r = 0; r < rows; r++)
+            for (int64_t i = 0; i < full; i += 8)
+                acc[r] = _mm256_fmadd_ps(int8x8(w + r * k + i), _mm256_loadu_ps(x + i), acc[r]);
+    }
+    for (int64_t i = full; i < k; i += 8) { /* the last < 64 weights of each row, 8 at a time */
+        int64_t left = k - i < 8 ? k - i : 8;
+        __m256 xv = _mm256_maskload_ps(x + i, first_lanes(left));
+        for (int r = 0; r < rows; r++) {
+            int8_t t[8] = {0};
+            memcpy(t, w + r * k + i, (size_t)left);
+            acc[r] = _mm256_fmadd_ps(int8x8(t), xv, acc[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++) sums[r] = sum8(acc[r]);
+}
+
+/* ---- int4, torch's AVX2 pack: rows in blocks of 32, each block k-major, 16 bytes a k, byte j holding
+ * row j (low nibble) and row j + 16 (high). A step takes k and k + 1 (32 bytes), moves the quarters so
+ * that each 128-bit lane holds 8 rows of k then the same 8 of k + 1, and one vpshufb a quarter of the
+ * rows puts (q[n, k], q[n, k + 1]) into word pairs, zero-extended; vpmaddwd multiplies them by
+ * (xq[k], xq[k + 1]) into int32 lanes (exact, as in avx512.c). Accumulator m holds rows FIRST[m] + 0..3
+ * in its low lane and FIRST[m] + 8..11 in its high one. ---- */
+
+static const uint8_t INT4_PAIRS[2][32] = {
+    {0, 128, 8, 128, 1, 128, 9, 128, 2, 128, 10, 128, 3, 128, 11, 128,
+     0, 128, 8, 128, 1, 128, 9, 128, 2, 128, 10, 128, 3, 128, 11, 128},
+    {4, 128, 12, 128, 5, 128, 13, 128, 6, 128, 14, 128, 7, 128, 15, 128,
+     4, 128, 12, 128, 5, 128, 13, 128, 6, 128, 14, 128, 7, 128, 15, 128}};
+static const int INT4_FIRST[4] = {0, 4, 16, 20};
+
+AVX2_TARGET void int4_block_avx2(const uint8_t *w, const uint16_t *sz, const int16_t *xq, const float *xs,
+                                 const float *xsum, int64_t n, int64_t k, int64_t group, float *out) {
+    const __m256i nib = _mm256_set1_epi8(0x0f);
+    const __m256i pairs_a = _mm256_loadu_si256((const __m256i *)INT4_PAIRS[0]);
+    const __m256i pairs_b = _mm256_loadu_si256((const __m256i *)INT4_PAIRS[1]);
+    __m256 tot[4];
+    for (int m = 0; m < 4; m++) tot[m] = _mm256_setzero_ps();
+    int64_t groups = k / group;
+    for (int64_t g = 0; g < groups; g++) {
+        __m256i acc[4];
+        for (int m = 0; m < 4; m++) acc[m] = _mm256_setzero_si256();
+        const uint8_t *p = w + g * group * 16;
+        const int16_t *xg = xq + g * group;
+        if (g + 1 < groups)
+            for (int line = 0; line < 2; line++)
+                _mm_prefetch((const char *)(sz + ((g + 1) * n) * 2) + 64 * line, _MM_HINT_T0);
+        for (int64_t i = 0; i < group; i += 2) {
+            if (!(i & 2)) _mm_prefetch((const char *)p + 16 * i + 2048, _MM_HINT_T0);
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(p + 16 * i)); /* k = g * group + i, k + 1 */
+            __m256i t = _mm256_permute4x64_epi64(bytes, _MM_SHUFFLE(3, 1, 2, 0));
+            __m256i lo = _mm256_and_si256(t, nib);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), nib);
+            int32_t pair;
+            memcpy(&pair, xg + i, 4);
+            __m256i xv = _mm256_set1_epi32(pair);
+            acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(_mm256_shuffle_epi8(lo, pairs_a), xv));
+            acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(_mm256_shuffle_epi8(lo, pairs_b), xv));
+            acc[2] = _mm256_add_epi32(acc[2], _mm256_madd_epi16(_mm256_shuffle_epi8(hi, pairs_a), xv));
+            acc[3] = _mm256_add_epi32(acc[3], _mm256_madd_epi16(_mm256_shuffle_epi8(hi, pairs_b), xv));
+        }
+        __m256 step = _mm256_set1_ps(xs[g]), total = _mm256_set1_ps(xsum[g]); /* 2^e, 2^e * X */
+        const uint16_t *s = sz + (g * n) * 2; /* (scale, zero) of this block's rows in group g */
+        for (int m = 0; m < 4; m++) {
+            __m128i low = _mm_loadu_si128((const __m128i *)(s + 2 * INT4_FIRST[m]));
+            __m128i high = _mm_loadu_si128((const __m128i *)(s + 2 * (INT4_FIRST[m] + 8)));
+            __m256i d = _mm256_inserti128_si256(_mm256_castsi128_si256(low), high, 1); /* 8 (scale, zero) */
+            __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(d, 16));
+            __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(d, _mm256_set1_epi32((int)0xffff0000u)));
+            __m256 base = _mm256_fmadd_ps(_mm256_set1_ps(-8.0f), scale, zero); /* zero - 8 scale */
+            __m256 sum = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[m]), step);
+            tot[m] = _mm256_fmadd_ps(base, total, _mm256_fmadd_ps(scale, sum, tot[m]));
+        }
+    }
+    for (int m = 0; m < 4; m++) {
+        _mm_storeu_ps(out + INT4_FIRST[m], _mm256_castps256_ps128(tot[m]));
+        _mm_storeu_ps(out + INT4_FIRST[m] + 8, _mm256_extractf128_ps(tot[m], 1));
+    }
+}
+
+/* ---- the decode attention's two loops over the cache, 8 lanes: float32 rows, or bfloat16 rows widened
+ * by a shift ---- */
+
+AVX2_TARGET static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
+
+AVX2_TARGET static inline __m256 load8_bf16(const uint16_t *p) {
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+#define SCORES_256(T, LOAD8)                                                                               \
+    const T *kh = (const T *)k;                                                                            \
+    __m256 qv[32];                                                                                         \
+    for (int64_t j = 0; j < hd / 8; j++) qv[j] = _mm256_loadu_ps(q + 8 * j);                               \
+    for (int64_t l = 0; l < len; l++) {                                                                    \
+        __m256 dot = _mm256_mul_ps(qv[0], LOAD8(kh + l * hd));                                             \
+        for (int64_t j = 1; j < hd / 8; j++) dot = _mm256_fmadd_ps(qv[j], LOAD8(kh + l * hd + 8 * j), dot); \
+        s[l] = sum8(dot) * scale;                                                                          \
+    }
+
+#define MIX_256(T, LOAD8)                                                                                  \
+    const T *vh = (const T *)v;                                                                            \
+    __m256 acc[32];                                                                                        \
+    for (int64_t j = 0; j < hd / 8; j++) acc[j] = _mm256_setzero_ps();                                     \
+    for (int64_t l = 0; l < len; l++) {                                                                    \
+        __m256 pl = _mm256_set1_ps(p[l]);                                                                  \
+        for (int64_t j = 0; j < hd / 8; j++) acc[j] = _mm256_fmadd_ps(pl, LOAD8(vh + l * hd + 8 * j), acc[j]); \
+    }                                                                                                      \
+    for (int64_t j = 0; j < hd / 8; j++) _mm256_storeu_ps(out + 8 * j, acc[j]);
+
+AVX2_TARGET void scores_f32_avx2(const float *q, const void *k, int64_t len, int64_t hd, float scale, float *s) {
+    SCORES_256(float, load8_f32)
+}
+
+AVX2_TARGET void scores_bf16_avx2(const float *q, const void *k, int64_t len, int64_t hd, float scale, float *s) {
+    SCORES_256(uint16_t, load8_bf16)
+}
+
+AVX2_TARGET void mix_f32_avx2(const float *p, const void *v, int64_t len, int64_t hd, float *out) {
+    MIX_256(float, load8_f32)
+}
+
+AVX2_TARGET void mix_bf16_avx2(const float *p, const void *v, int64_t len, int64_t hd, float *out) {
+    MIX_256(uint16_t, load8_bf16)
+}
