@@ -158,7 +158,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; weights rotate through {POOL_BYTES >> 20} MiB; "
-          f"native kernels: {kernels.kinds() if kernels else native.status().reason}")
+          f"{kernels.describe() if kernels else native.status().reason}")
     with torch.inference_mode():
         for shape in args.shapes:
             n, k = SHAPES[shape]

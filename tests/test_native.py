@@ -38,7 +38,7 @@ def kernels(request):
         pytest.skip(f"native kernels unavailable here: {status.reason}")
     chosen = status.kernels if request.param == status.kernels.isa else native.load(request.param)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(native, "status", lambda: native.Status(chosen, f"native {chosen.kinds()} kernels"))
+        patch.setattr(native, "status", lambda: native.Status(chosen, chosen.describe()))
         yield chosen
 
 
@@ -430,12 +430,12 @@ def test_library_is_built_once_and_a_corrupt_cache_is_rebuilt(tmp_path, kernels)
     cc = tmp_path / "counting-cc"
     cc.write_text(f"#!/bin/sh\necho run >> {log}\nexec {compiler()} \"$@\"\n")
     cc.chmod(0o755)
-    assert _status(tmp_path, CC=str(cc)).startswith(f"native {SET_NAMES[usable_sets()[0]]} (")
-    assert _status(tmp_path, CC=str(cc)).startswith(f"native {SET_NAMES[usable_sets()[0]]} (")
+    assert _status(tmp_path, CC=str(cc)).startswith(f"native {SET_NAMES[usable_sets()[0]]} kernels (")
+    assert _status(tmp_path, CC=str(cc)).startswith(f"native {SET_NAMES[usable_sets()[0]]} kernels (")
     assert log.read_text().count("run") == 1
     (built,) = (tmp_path / "cache").glob("gemv-*.so")
     built.write_bytes(b"not an ELF file")
-    assert _status(tmp_path, CC=str(cc)).startswith(f"native {SET_NAMES[usable_sets()[0]]} (")
+    assert _status(tmp_path, CC=str(cc)).startswith(f"native {SET_NAMES[usable_sets()[0]]} kernels (")
     assert log.read_text().count("run") == 2
 
 

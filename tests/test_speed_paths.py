@@ -455,11 +455,12 @@ def test_fusable_takes_one_kind_and_one_int4_group():
         concat_linears([nn.Linear(8, 4), PackedLinear.from_linear(nn.Linear(8, 4))])
 
 
-def test_bfloat16_matmuls_count_as_slow_only_on_intel_without_amx(monkeypatch):
+def test_bfloat16_matmuls_count_as_slow_on_intel_without_amx_and_without_native_bfloat16(monkeypatch):
     from qwenvl_cli.model import loader, native
 
     for vendor, flags, slow in [("GenuineIntel", {"avx512_bf16"}, True), ("GenuineIntel", {"avx512_bf16", "amx_bf16"}, False),
-                                ("AuthenticAMD", {"avx512_bf16"}, False), ("GenuineIntel", {"avx2"}, False)]:
+                                ("AuthenticAMD", {"avx512_bf16"}, False), ("GenuineIntel", {"avx2"}, True),
+                                ("AuthenticAMD", {"avx2", "fma"}, True)]:
         monkeypatch.setattr(native, "cpu_vendor", lambda v=vendor: v)
         monkeypatch.setattr(native, "cpu_flags", lambda f=flags: set(f))
         assert loader.cpu_bf16_matmul_is_slow() is slow, (vendor, flags)
@@ -507,13 +508,36 @@ def test_engine_loads_a_float32_vision_tower_beside_a_bfloat16_decoder(make_ckpt
     assert F.cosine_similarity(logits, want, dim=0) > 0.99
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_float32_quantized_prefill_is_a_float32_gemm_where_bfloat16_is_slow(ckpt, quantize, monkeypatch):
+    """A float32 model with int8/int4 weights on a CPU where bfloat16 matmuls are slow (AVX2: emulated) takes
+    its multi-row inputs beyond torch's kernels through a float32 GEMM on the float32 dequantization: the
+    float32 oracle's product to float32 summation error (a bfloat16 GEMM would round the activations), and
+    by default only there."""
+    from qwenvl_cli.model import loader
+
+    for slow in (False, True):
+        monkeypatch.setattr(loader, "cpu_bf16_matmul_is_slow", lambda s=slow: s)
+        model = load_model(ckpt, "cpu", torch.float32, quantize=quantize)
+        layer = model.model.layers[0].mlp.down_proj
+        assert layer.upcast is slow
+    x = torch.randn(1, 300, layer.in_features)
+    with torch.inference_mode():
+        got, want = layer(x), layer.reference(x)
+        layer.upcast = False
+        bfloat16 = layer(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (bfloat16 - want).abs().max() > 10 * (got - want).abs().max()
+
+
 @pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_upcast_prefill_computes_what_the_bfloat16_gemm_does(ckpt, quantize, decode_kernels):
     """Long bfloat16 inputs as float32 GEMMs on upcast operands: the logits of the bfloat16 GEMMs to bfloat16
     rounding (float weights: the same operands, sums in another order; int8/int4: weights dequantized to
     float32 instead of bfloat16), and a one-row input still goes through the decode kernels. Where the
     float weights are oneDNN-packed (no native kernels) they are not upcast."""
-    from qwenvl_cli.model.quant import _UPCAST_ROWS
+    from qwenvl_cli.model.upcast import _UPCAST_ROWS
 
     ids = (PROMPTS[0] * 12)[: _UPCAST_ROWS + 40]  # a prompt long enough to upcast
     models = [load_model(ckpt, "cpu", torch.bfloat16, quantize=quantize, upcast_prefill=flag) for flag in (False, True)]

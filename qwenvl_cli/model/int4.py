@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenvl_cli.model import native
+from qwenvl_cli.model.upcast import upcasts
 
 
 GROUP_SIZES = (32, 64, 128, 256)  # the ones `_weight_int4pack_mm_for_cpu` accepts
@@ -227,7 +228,7 @@ class Int4Linear(nn.Module):
     """Weight-only int4 linear holding only the packed nibbles `weight` # (N, K/2) uint8 and the per-group
     bfloat16 `scales_and_zeros` # (K/group, N, 2); the bias stays in the model's dtype. Output in the
     input's dtype. The CPU kernel serves <= 128 rows; longer prefills, and any other device, dequantize to
-    a transient bfloat16 W^T and run a GEMM (float32 with `upcast`, see quant.NativeLinear)."""
+    a transient bfloat16 W^T and run a GEMM (float32 with `upcast`, see loader.load_model)."""
 
     upcast = False
 
@@ -270,15 +271,15 @@ class Int4Linear(nn.Module):
             y = kernels.gemv_int4(self.weight, self.scales_and_zeros, x.reshape(-1).float().contiguous(), bias,
                                   self.group_size)
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        rows = x.reshape(-1, x.shape[-1]).contiguous().to(torch.bfloat16)  # (rows, K): torch's kernel wants
-        # contiguous bfloat16 activations (and bfloat16 scales)
-        if rows.device.type == "cpu" and rows.shape[0] <= _INT4_KERNEL_ROWS:
+        flat = x.reshape(-1, x.shape[-1])  # (rows, K)
+        if flat.device.type == "cpu" and flat.shape[0] <= _INT4_KERNEL_ROWS:
+            # torch's kernel wants contiguous bfloat16 activations (and bfloat16 scales)
+            rows = flat.contiguous().to(torch.bfloat16)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight, self.group_size, self.scales_and_zeros)
-        else:  # a long prefill, or a device without the CPU kernel: one transient copy of W^T, in float32
-            # on exactly upcast bfloat16 activations under `upcast`, else in bfloat16
-            upcast = self.upcast and x.dtype == torch.bfloat16 and rows.shape[0] > _INT4_KERNEL_ROWS
-            compute = torch.float32 if upcast else torch.bfloat16
-            y = F.linear(rows.to(compute), self._dequantize_t(compute).t())
+        elif upcasts(self, x):  # one transient float32 copy of W^T: a float32 GEMM (bfloat16 x upcast exactly)
+            y = F.linear(flat.float(), self._dequantize_t(torch.float32).t())
+        else:  # a long prefill, or a device without the CPU kernel: one transient bfloat16 copy of W^T
+            y = F.linear(flat.to(torch.bfloat16), self._dequantize_t(torch.bfloat16).t())
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)

@@ -218,10 +218,14 @@ def cpu_has_native_bf16() -> bool:
 
 
 def cpu_bf16_matmul_is_slow() -> bool:
-    """bfloat16 matmuls no faster than float32 ones: Intel's AVX512-BF16 without AMX (Cooper Lake, or a
-    Sapphire/Emerald Rapids whose hypervisor hides AMX) issues one vdpbf16ps a cycle, the FLOPs of its two
-    float32 FMAs, and oneDNN's bfloat16 GEMM reaches 146-153 GFLOP/s there against 210-236 for float32
-    (2 Emerald Rapids cores, benchmarks/RESULTS.md). AMD's Zen 4 runs it at twice its float32 rate."""
+    """bfloat16 matmuls no faster than float32 ones: on CPUs without native bfloat16 (AVX2 ones such as Zen 3,
+    where torch emulates it: a 270-row int4 prefill in bfloat16 took 13 s against ~1 s in float32), and on
+    Intel's AVX512-BF16 without AMX (Cooper Lake, or a Sapphire/Emerald Rapids whose hypervisor hides AMX),
+    which issues one vdpbf16ps a cycle, the FLOPs of its two float32 FMAs: oneDNN's bfloat16 GEMM reaches
+    146-153 GFLOP/s there against 210-236 for float32 (2 Emerald Rapids cores, benchmarks/RESULTS.md).
+    AMD's Zen 4 runs it at twice its float32 rate, AMX at five times."""
+    if not cpu_has_native_bf16():
+        return True
     flags = native.cpu_flags()
     return native.cpu_vendor() == "GenuineIntel" and "avx512_bf16" in flags and "amx_bf16" not in flags
 
@@ -300,10 +304,11 @@ def load_model(
     `pack` (default: on CPU) fuses each text layer's q/k/v and gate/up matrices and gives the decoder's
     float linears their decode form (quant.pack_linears: NativeLinear, else oneDNN's PackedLinear);
     pack=False keeps the checkpoint's plain nn.Linear modules (the slow oracle). `vision_dtype` (default:
-    `dtype`) is the vision tower's (explain_vision_dtype). `upcast_prefill` (default: a bfloat16 model on a
-    CPU where cpu_bf16_matmul_is_slow) lets the decoder's fast linears compute long inputs as float32 GEMMs
-    on exactly upcast operands: the same products and float32 sums as a bfloat16 GEMM, rounded once to
-    bfloat16 alike, ~1.5x faster there."""
+    `dtype`) is the vision tower's (explain_vision_dtype). `upcast_prefill` (default: a bfloat16 or quantized
+    model on a CPU where cpu_bf16_matmul_is_slow) lets the decoder's fast linears compute long inputs as
+    float32 GEMMs: bfloat16 ones on exactly upcast operands (the same products and float32 sums as a
+    bfloat16 GEMM, rounded once to bfloat16 alike, ~1.5x faster there), float32 ones of int8/int4 weights
+    on their float32 dequantization instead of a bfloat16 one."""
     from safetensors import SafetensorError, safe_open
 
     if quantize is not None and quantize not in QUANTIZATIONS:
@@ -311,7 +316,8 @@ def load_model(
     device = torch.device(device)
     vision_dtype = vision_dtype or dtype
     if upcast_prefill is None:
-        upcast_prefill = device.type == "cpu" and dtype == torch.bfloat16 and cpu_bf16_matmul_is_slow()
+        upcast_prefill = (device.type == "cpu" and (dtype == torch.bfloat16 or quantize is not None)
+                          and cpu_bf16_matmul_is_slow())
     with _meta_build():
         model = Qwen2_5_VL(ckpt.config)
     tied = ckpt.config.text.tie_word_embeddings

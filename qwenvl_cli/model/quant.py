@@ -23,6 +23,7 @@ from torch import nn
 
 from qwenvl_cli.model import native
 from qwenvl_cli.model.int4 import Int4Linear, check_int4_shape, pack_int4, unpack_int4
+from qwenvl_cli.model.upcast import upcast_linear, upcasts
 
 QUANTIZATIONS = ("int8", "int4")
 
@@ -32,21 +33,6 @@ _INT4_GROUPS = (128, 64, 32)
 # Above this many rows (prefill) the int8 kernel loses to dequantize-then-bfloat16-GEMM (measured at 300
 # rows: 190-260 ms vs 130 ms on 2048x11008); at decode it reads 4x fewer bytes than float32.
 _INT8_KERNEL_ROWS = 16
-
-
-# From this many rows on, a linear with `upcast` set computes a bfloat16 input as a float32 GEMM (see
-# loader.load_model's upcast_prefill): below it the weight's transient float32 copy costs more than it saves.
-_UPCAST_ROWS = 128
-
-
-def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear of bfloat16 x # (..., K) and a weight # (N, K) computed in float32 on exactly upcast
-    operands (products exact, float32 sums, as a bfloat16 GEMM has them), rounded once to x's dtype."""
-    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
-
-
-def _upcasts(module: nn.Module, x: torch.Tensor) -> bool:
-    return module.upcast and x.dtype == torch.bfloat16 and x.numel() >= _UPCAST_ROWS * x.shape[-1]
 
 
 def _linear_rows(x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +97,7 @@ class NativeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
         if x.numel() != self.in_features or x.dtype != self.weight.dtype:
-            if _upcasts(self, x):
+            if upcasts(self, x):
                 return upcast_linear(x, self.weight, self.bias)
             return F.linear(x, self.weight, self.bias)
         y = self.kernels.gemv(self.weight, x.reshape(-1).contiguous(), self.bias)
@@ -192,7 +178,7 @@ class Int8Linear(nn.Module):
     """Weight-only int8 linear: int8 weight # (N, K) and one bfloat16 scale per output row; the bias stays
     in the model's dtype. Output in the input's dtype."""
 
-    upcast = False  # long bfloat16 inputs dequantized to float32 for a float32 GEMM (see NativeLinear)
+    upcast = False  # long inputs on the float32 dequantization, a float32 GEMM (see loader.load_model)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None) -> None:
         super().__init__()
@@ -226,11 +212,11 @@ class Int8Linear(nn.Module):
             bias = None if self.bias is None else self.bias.float()
             y = kernels.gemv_int8(self.weight, self.scales, x.reshape(-1).float().contiguous(), bias)
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        if _upcasts(self, x):
-            return upcast_linear(x, self.dequantize(torch.float32), self.bias)
         rows = _linear_rows(x).to(torch.bfloat16)
         if rows.device.type == "cpu" and rows.shape[0] <= _INT8_KERNEL_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
+        elif upcasts(self, x):
+            return upcast_linear(x, self.dequantize(torch.float32), self.bias)
         else:  # prefill, or a device without the CPU kernel: one transient bfloat16 copy of this matrix
             y = F.linear(rows, self.dequantize(torch.bfloat16))
         if self.bias is not None:

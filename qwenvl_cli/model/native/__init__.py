@@ -77,10 +77,10 @@ class Kernels:
             fn.argtypes = [_P, _P, ctypes.c_float, _P, _I, _I]
             fn.restype = _I
 
-    def kinds(self) -> str:
-        """What the kernels serve, for --verbose: "AVX-512 (bfloat16, float32, int8, int4)"."""
+    def describe(self) -> str:
+        """What serves, for --verbose: "native AVX-512 kernels (bfloat16, float32, int8, int4)"."""
         kinds = ["bfloat16", "float32", "int8"] + ["int4"] * self.int4
-        return f"{SET_NAMES[self.isa]} ({', '.join(kinds)})"
+        return f"native {SET_NAMES[self.isa]} kernels ({', '.join(kinds)})"
 
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype in (torch.float32, torch.bfloat16)  # bfloat16: AVX512-BF16's pairs, or AVX2's widening
@@ -209,7 +209,7 @@ def status() -> Status:
         best = load(found[0])
     except (OSError, subprocess.SubprocessError, AttributeError, AssertionError) as exc:
         return Status(None, f"torch's kernels (native ones unavailable: {_first_line(exc)})", broken=True)
-    return Status(best, f"native {best.kinds()} kernels")
+    return Status(best, best.describe())
 
 
 def usable_sets() -> list[str]:
