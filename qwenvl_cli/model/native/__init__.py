@@ -124,7 +124,7 @@ class Kernels:
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
         """Rows: x # (..., D), weight # (D,), both float32 or both bfloat16 -> (..., D), vision.RMSNorm's
-        result to the bit (gemv.c sums the squares in torch's order); None where it does not apply (other
+        result to the bit (norm.c sums the squares in torch's order); None where it does not apply (other
         dtypes or devices, D < 8)."""
         fn = self._norms.get(x.dtype)
         if fn is None or x.device.type != "cpu" or weight.dtype != x.dtype or x.shape[-1:] != weight.shape:
@@ -160,7 +160,7 @@ class Kernels:
         whose columns [column, column + heads * head_dim) hold each token's heads; gather # (S, Lmax) long
         (N for padding) -> (S, heads, Lmax, head_dim), a transposed view of (S, Lmax, heads, head_dim)
         memory, padding zeros. With cos/sin # (N, head_dim) float32 each vector is rotated as
-        vision.apply_vision_rotary does, to the bit (gemv.c); without, copied."""
+        vision.apply_vision_rotary does, to the bit (vision.c); without, copied."""
         n, width = src.shape
         if (src.dtype not in (torch.float32, torch.bfloat16) or not src.is_contiguous() or head_dim % 2
                 or column + heads * head_dim > width or gather.dtype != torch.long):
