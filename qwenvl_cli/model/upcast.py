@@ -15,8 +15,8 @@ _UPCAST_ROWS = 128
 
 
 def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear of bfloat16 x # (..., K) and a weight # (N, K) computed in float32 on exactly upcast
-    operands (products exact, float32 sums, as a bfloat16 GEMM has them), rounded once to x's dtype."""
+    """F.linear of x # (..., K) and a weight # (N, K) computed in float32: bfloat16 operands upcast exactly
+    (products exact, float32 sums, as a bfloat16 GEMM has them), the result rounded once to x's dtype."""
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
 
 
