@@ -50,7 +50,12 @@ _CANDIDATE_LAYOUTS = (Int4Layout(64, True), Int4Layout(32, True), Int4Layout(32,
 
 def native_layout(kernels: native.Kernels) -> Int4Layout | None:
     """The pack the native int4 kernel reads (torch's for the kernels' instruction set), or None."""
-    return Int4Layout(kernels.int4_rows, True) if kernels.int4_rows else None
+    return _interleaved_layout(kernels.int4_rows)
+
+
+@functools.cache
+def _interleaved_layout(block_n: int | None) -> Int4Layout | None:  # one object per size: decode asks per call
+    return Int4Layout(block_n, True) if block_n else None
 
 
 def check_int4_shape(n: int, k: int, group_size: int) -> None:

@@ -51,7 +51,6 @@ class Kernels:
         int4 = isa == "avx2" or {"avx512vbmi", "avx512_vnni"} <= flags
         # rows per block of the int4 pack the kernel reads: torch's for this set (model/int4.py), or None
         self.int4_rows = (64 if isa == "avx512" else 32) if int4 else None
-        self.int4 = int4
         self._f32 = getattr(lib, f"qv_gemv_f32_{isa}")
         self._bf16 = getattr(lib, f"qv_gemv_bf16_{bf16_set}")
         self._int8 = getattr(lib, f"qv_gemv_int8_{isa}")
@@ -76,6 +75,10 @@ class Kernels:
         for fn in self._norms.values():
             fn.argtypes = [_P, _P, ctypes.c_float, _P, _I, _I]
             fn.restype = _I
+
+    @property
+    def int4(self) -> bool:
+        return self.int4_rows is not None
 
     def describe(self) -> str:
         """What serves, for --verbose: "native AVX-512 kernels (bfloat16, float32, int8, int4)"."""

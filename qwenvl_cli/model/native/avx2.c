@@ -10,13 +10,9 @@
 
 #include "common.h"
 
-/* Prefetch only the next block of short rows (a block of at most 16 KB, common.h's rule), none along
- * longer rows: on Zen 3 the hardware's streams do better there (A/B of both builds on 3B shapes: float32
- * and bfloat16 7-15% faster without, int8 with 2 KB rows 1.3x faster with; the 512-wide LM head the same). */
-static inline int64_t next_block(int64_t row_bytes) {
-    return ROWS * row_bytes <= 16384 ? ROWS * row_bytes : 0;
-}
-
+/* Prefetch only the next block of short rows (common.h: next_block), none along longer rows: on Zen 3
+ * the hardware's streams do better there (A/B of both builds on 3B shapes: float32 and bfloat16 7-15%
+ * faster without, int8 with 2 KB rows 1.3x faster with; the 512-wide LM head the same). */
 static inline void prefetch_row(const void *row, int64_t ahead) {
     if (ahead) _mm_prefetch((const char *)row + ahead, _MM_HINT_T0);
 }
