@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from oracles import assert_greedy_as_the_oracle
 from qwenvl_cli.generate import Generator, SamplingParams, reference_generate
 from qwenvl_cli.model import native
 from qwenvl_cli.model.int4 import Int4Layout
@@ -21,8 +22,9 @@ from qwenvl_cli.model.quant import NativeLinear, quantize_int8
 
 PROMPT = [151644, 872, 198, 3838, 374, 279, 6722, 315, 9625, 30, 151645, 198, 151644, 77091, 198]
 # Rows around the 8-row blocks, K around the 16/32/64-element vectors; the last shapes are big enough to
-# run on both threads.
-SHAPES = [(1, 1), (7, 15), (8, 16), (9, 17), (17, 31), (33, 64), (5, 100), (64, 2048), (1000, 160)]
+# run on both threads; K = 4500 takes the AVX2 int8 loop's 8-row blocks (longer rows than 4096), with a
+# short last group of activations (4500 = 35 * 128 + 20).
+SHAPES = [(1, 1), (7, 15), (8, 16), (9, 17), (17, 31), (33, 64), (5, 100), (64, 2048), (1000, 160), (17, 4500)]
 
 
 @pytest.fixture(scope="module", params=native.usable_sets() or ["none"])
@@ -76,14 +78,36 @@ def test_bfloat16_gemv_is_the_float32_sum_rounded_once(kernels, n, k, bias):
 @pytest.mark.parametrize("n, k", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_int8_gemv_applies_row_scales_and_bias_in_float32(kernels, n, k, bias):
+    """The product of its activations (float32 on AVX-512, quantized_activations on AVX2) with the int8
+    rows, scaled per row, within float32 summation error; activations spread over 2^-6..2^6 so that a group
+    taken with another's power of two shows."""
     g = torch.Generator().manual_seed(n * 1000 + k + 2)
     q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     s = (torch.rand(n, generator=g) / 64).bfloat16()
-    x, b = torch.randn(k, generator=g), torch.randn(n, generator=g)
+    x = torch.randn(k, generator=g) * torch.exp2(torch.randint(-6, 7, (k,), generator=g).float())
+    b = torch.randn(n, generator=g)
     got = kernels.gemv_int8(q, s, x, b if bias else None)
-    want = (q.double() @ x.double()) * s.double() + (b.double() if bias else 0)
+    xq = x.double() if kernels.int8_group is None else native.quantized_activations(x, kernels.int8_group)
+    want = (q.double() @ xq) * s.double() + (b.double() if bias else 0)
     bound = 4 * k * 2**-24 * ((q.double().abs() @ x.double().abs()) * s.double() + (b.double().abs() if bias else 0))
     assert got.dtype == torch.float32 and ((got.double() - want).abs() <= bound + 1e-30).all()
+
+
+@pytest.mark.parametrize("k, group", [(1, 128), (300, 128), (256, 32)])
+def test_quantized_activations_round_each_group_to_16_bits_of_its_largest(k, group):
+    """The int16 form of x (gemv.c: quantize_x): off by at most 2^-15 of its group's largest |x|, exact for
+    bfloat16 values within 2^7 of it; a group of zeros stays zero, one of subnormals stays finite."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(k, generator=g) * torch.exp2(torch.randint(-20, 20, (k,), generator=g).float())
+    xq = native.quantized_activations(x, group)
+    top = torch.nn.functional.pad(x.double().abs(), (0, -k % group)).view(-1, group).amax(1)
+    top = top.repeat_interleave(group)[:k]
+    assert ((xq - x.double()).abs() <= top * 2**-15).all()
+    near = x.bfloat16().float()  # 8 significant bits: within 2^7 of the largest, a multiple of its step
+    exact = near.double().abs() >= top * 2**-7
+    assert torch.equal(native.quantized_activations(near, group)[exact], near.double()[exact])
+    tiny = torch.cat([torch.full((group,), 3e-41), torch.zeros(group)])
+    assert torch.allclose(native.quantized_activations(tiny, group), tiny.double(), rtol=1e-4, atol=0)
 
 
 def test_nan_and_infinity_reach_the_output(kernels):
@@ -126,9 +150,8 @@ def test_model_on_native_kernels_generates_what_the_oracle_does(make_ckpt, kerne
             assert isinstance(fast.model.layers[0].mlp.down_proj, NativeLinear)
             if tied:
                 assert fast.lm_head.weight.data_ptr() == fast.model.embed_tokens.weight.data_ptr()
-        params = SamplingParams(max_new_tokens=8)
         prompt = fast.make_prompt(PROMPT)
-        assert list(Generator(fast).stream(prompt, params)) == reference_generate(fast, prompt, params)
+        assert_greedy_as_the_oracle(fast, prompt, SamplingParams(max_new_tokens=8))
         if dtype == torch.float32 and quantize is None:
             plain = load_model(ckpt, "cpu", dtype, pack=False)
             with torch.inference_mode():
@@ -146,15 +169,18 @@ def test_model_on_native_kernels_generates_what_the_oracle_does(make_ckpt, kerne
 
 
 def test_int8_native_path_matches_the_quantized_oracle(kernels):
-    """One row through Int8Linear on the native kernel against dequantize-then-matmul in float32."""
+    """One row through Int8Linear on the native kernel against dequantize-then-matmul in float32 (of the
+    activations the kernel takes: on AVX2 their int16 form, a few ulps of float32 from x)."""
     from qwenvl_cli.model.quant import Int8Linear
 
     torch.manual_seed(3)
     w, b = torch.randn(300, 256) / 16, torch.randn(300)
     layer = Int8Linear.from_float(w, b, torch.float32)
     x = torch.randn(1, 1, 256)
+    taken = x if kernels.int8_group is None else native.quantized_activations(x.view(-1), kernels.int8_group)
     with torch.inference_mode():
-        torch.testing.assert_close(layer(x), layer.reference(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer(x), layer.reference(taken.float().view(x.shape)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer(x), layer.reference(x), atol=1e-4, rtol=1e-4)
     q, s = quantize_int8(w)
     assert torch.equal(layer.weight, q) and torch.equal(layer.scales, s)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 SOURCES = tuple(sorted(Path(__file__).parent.glob("*.[ch]")))  # compiled together into one library
-ABI = 2  # qv_abi() of the sources above; a library answering otherwise is rebuilt
+ABI = 3  # qv_abi() of the sources above; a library answering otherwise is rebuilt
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11")
 LIBS = ("-lm",)
 # The instruction sets, best first: what each needs of the CPU for its float32, int8 and attention loops.
@@ -58,6 +58,9 @@ class Kernels:
         for fn, args in ((self._f32, 6), (self._bf16, 6), (self._int8, 7)):
             fn.argtypes = [_P] * (args - 2) + [_I, _I]
             fn.restype = None
+        self._int8.restype = _I
+        # the int8 loops' activations: float32 (AVX-512), or int16 in groups of this many (AVX2; gemv.c)
+        self.int8_group = 128 if isa == "avx2" else None
         self._int4.argtypes = [_P] * 5 + [_I, _I, _I]
         self._int4.restype = _I
         self._rope = lib.qv_rope_gather
@@ -99,11 +102,13 @@ class Kernels:
     def gemv_int8(self, weight: torch.Tensor, scales: torch.Tensor, x: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
         """weight # (N, K) int8, scales # (N,) bfloat16, x # (K,) float32, bias # (N,) float32 or None
-        -> (N,) float32: (W x) * scales (+ bias)."""
+        -> (N,) float32: (W x) * scales (+ bias); with `int8_group` set, each group of that many of x taken
+        as int16 times a power of two (as gemv_int4 takes it), the products summed exactly in int32."""
         n, k = weight.shape
         y = torch.empty(n, dtype=torch.float32)
-        self._int8(weight.data_ptr(), scales.data_ptr(), x.data_ptr(),
-                   bias.data_ptr() if bias is not None else None, y.data_ptr(), n, k)
+        if not self._int8(weight.data_ptr(), scales.data_ptr(), x.data_ptr(),
+                          bias.data_ptr() if bias is not None else None, y.data_ptr(), n, k):
+            raise MemoryError(f"int8 kernel: no memory for {k} activations")
         return y
 
     def gemv_int4(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, x: torch.Tensor,
@@ -312,7 +317,8 @@ def _check(found: Kernels) -> None:
         assert torch.allclose(got, want, rtol=2**-7, atol=1e-2), "bfloat16 check failed"
         q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
         s = torch.rand(n, generator=g).bfloat16()
-        want = (q.double() @ x.double()) * s.double() + b.double()
+        xq = x.double() if found.int8_group is None else quantized_activations(x, found.int8_group)
+        want = (q.double() @ xq) * s.double() + b.double()
         assert torch.allclose(found.gemv_int8(q, s, x, b).double(), want, rtol=1e-5, atol=1e-4), "int8 check failed"
     if found.int4:  # 80 rows: one block of 64 and a tail of 16, or two of 32 and a tail; groups of 32
         n, k, group = 80, 96, 32
@@ -323,6 +329,19 @@ def _check(found: Kernels) -> None:
         want = ((q.double() - 8) * scale.t() + zero.t()) @ x.double() + b.double()
         got = found.gemv_int4(pack_int4_spelled(q, found.int4_rows), sz, x, b, group).double()
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-2), "int4 check failed"
+
+
+def quantized_activations(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x # (K,) float32 -> # (K,) float64: the values the int4 and AVX2 int8 kernels multiply by (gemv.c:
+    quantize_x), each group of `group` (the last may be shorter) rounded half to even to a multiple of 2^e,
+    its largest |x| at 2^14..2^15 - 1 times 2^e. Spelled in torch ops: the kernels' oracle."""
+    k = x.shape[0]
+    xd = torch.nn.functional.pad(x.double(), (0, -k % group)).view(-1, group)
+    top = xd.abs().amax(1)
+    e = torch.frexp(top)[1].double() - 15
+    e = torch.where(torch.ldexp(top, -e) >= 32767.5, e + 1, e)
+    e = torch.where(top > 0, e, torch.zeros_like(e))[:, None]
+    return (torch.round(torch.ldexp(xd, -e)) * torch.exp2(e)).view(-1)[:k]
 
 
 def pack_int4_spelled(q: torch.Tensor, block_rows: int) -> torch.Tensor:

@@ -64,13 +64,19 @@ static inline uint16_t f32_to_bf16(float f) {
 typedef void (*f32_block_fn)(const float *w, const float *x, int64_t k, int rows, float *sums);
 typedef void (*bf16_block_fn)(const uint16_t *w, const uint16_t *x, int64_t k, int rows, float *sums);
 typedef void (*int8_block_fn)(const int8_t *w, const float *x, int64_t k, int rows, float *sums);
+/* int8 on int16 activations (AVX2): xq the activations quantized in groups of INT8_GROUP (gemv.c:
+ * quantize_x; zero-padded to a multiple of 16), xs each group's 2^e */
+#define INT8_GROUP 128
+typedef void (*int8q_block_fn)(const int8_t *w, const int16_t *xq, const float *xs, int64_t k, int rows,
+                               float *sums);
 
 INTERNAL void f32_block_avx512(const float *w, const float *x, int64_t k, int rows, float *sums);
 INTERNAL void bf16_block_avx512(const uint16_t *w, const uint16_t *x, int64_t k, int rows, float *sums);
 INTERNAL void int8_block_avx512(const int8_t *w, const float *x, int64_t k, int rows, float *sums);
 INTERNAL void f32_block_avx2(const float *w, const float *x, int64_t k, int rows, float *sums);
 INTERNAL void bf16_block_avx2(const uint16_t *w, const uint16_t *x, int64_t k, int rows, float *sums);
-INTERNAL void int8_block_avx2(const int8_t *w, const float *x, int64_t k, int rows, float *sums);
+INTERNAL void int8_block_avx2(const int8_t *w, const int16_t *xq, const float *xs, int64_t k, int rows,
+                              float *sums);
 
 /* ---- int4 (gemv.c says the format): one block of INT4_ROWS_* rows in torch's pack for that set, given
  * the activations as int16 per group (xq), 2^e per group (xs) and 2^e * sum(xq) per group (xsum); sz the

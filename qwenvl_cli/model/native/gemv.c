@@ -10,8 +10,9 @@
  * weight streams) and prefetch ahead (common.h: prefetch_distance); threads split the row blocks
  * through OpenMP, which resolves to torch's own libgomp (it is loaded first), so the threads are torch's.
  *
- * Arithmetic: products summed in float32, the bias added in float32, one rounding to the output type
- * (round to nearest even). Oracle: F.linear (tests/test_native.py). Built by
+ * Arithmetic: products summed in float32 (int4, and int8 on AVX2: int16 activations, quantize_x, summed
+ * exactly in int32 per group), the bias added in float32, one rounding to the output type (round to
+ * nearest even). Oracle: F.linear (tests/test_native.py). Built by
  * qwenvl_cli/model/native/__init__.py, which also says when it is used.
  */
 #include <math.h>
@@ -19,7 +20,7 @@
 
 #include "common.h"
 
-int qv_abi(void) { return 2; }
+int qv_abi(void) { return 3; }
 
 static void gemv_f32(f32_block_fn block, const float *w, const float *x, const float *bias, float *y, int64_t n,
                      int64_t k) {
@@ -48,7 +49,50 @@ static void gemv_bf16(bf16_block_fn block, const uint16_t *w, const uint16_t *x,
     }
 }
 
-/* int8 weights with one bfloat16 scale per row, float32 activations: y = (W x) * scale (+ bias). */
+/* The int4 and the AVX2 int8 products take the activations as int16: each group of x (the last may be
+ * shorter) as int16 times a power of two (2^e, the largest |x| of the group at 2^14..2^15 - 1), so every
+ * bfloat16 value within 2^7 of the group's largest is exact and the rest are off by at most 2^(e-1).
+ * x # (K,) -> xq # (K,), per group xs = 2^e and, unless xsum is NULL, xsum = 2^e * sum(xq). Returns 0 if x
+ * holds a NaN or an infinity (the caller then answers NaN). */
+static int quantize_x(const float *x, int64_t k, int64_t group, int16_t *xq, float *xs, float *xsum) {
+    for (int64_t g = 0; g * group < k; g++) {
+        const float *xg = x + g * group;
+        int64_t len = k - g * group < group ? k - g * group : group;
+        float top = 0.0f;
+        for (int64_t i = 0; i < len; i++) {
+            float a = fabsf(xg[i]);
+            if (!(a <= 3.0e38f)) return 0; /* NaN or infinite */
+            top = a > top ? a : top;
+        }
+        int e = 0;
+        if (top > 0.0f) {
+            frexpf(top, &e);      /* top = f * 2^e, f in [0.5, 1) */
+            e -= 15;              /* top / 2^e in [2^14, 2^15) */
+            if (ldexpf(top, -e) >= 32767.5f) e += 1;
+        }
+        double up = ldexp(1.0, -e); /* in double: 2^-e overflows float for groups of subnormals */
+        int32_t total = 0;
+        for (int64_t i = 0; i < len; i++) {
+            int32_t v = (int32_t)nearbyint(xg[i] * up); /* exact scaling, round to nearest even */
+            xq[g * group + i] = (int16_t)v;
+            total += v;
+        }
+        xs[g] = ldexpf(1.0f, e);
+        if (xsum) xsum[g] = (float)total * xs[g];
+    }
+    return 1;
+}
+
+/* rows of int8 products: y = sums * scale (+ bias) */
+static inline void int8_store(const float *sums, int rows, const uint16_t *scales, const float *bias, float *y) {
+    for (int r = 0; r < rows; r++) {
+        float v = sums[r] * bf16_to_f32(scales[r]);
+        y[r] = bias ? v + bias[r] : v;
+    }
+}
+
+/* int8 weights with one bfloat16 scale per row: y = (W x) * scale (+ bias); x float32 (AVX-512), or
+ * (AVX2, gemv_int8q) quantize_x's int16 in groups of INT8_GROUP. */
 static void gemv_int8(int8_block_fn block, const int8_t *w, const uint16_t *scales, const float *x,
                       const float *bias, float *y, int64_t n, int64_t k) {
     int64_t blocks = (n + ROWS - 1) / ROWS;
@@ -58,11 +102,33 @@ static void gemv_int8(int8_block_fn block, const int8_t *w, const uint16_t *scal
         int rows = n - n0 < ROWS ? (int)(n - n0) : ROWS;
         float sums[ROWS];
         block(w + n0 * k, x, k, rows, sums);
-        for (int r = 0; r < rows; r++) {
-            float v = sums[r] * bf16_to_f32(scales[n0 + r]);
-            y[n0 + r] = bias ? v + bias[n0 + r] : v;
-        }
+        int8_store(sums, rows, scales + n0, bias ? bias + n0 : NULL, y + n0);
     }
+}
+
+/* Answers 0 (nothing written) when out of memory, else 1. */
+static int64_t gemv_int8q(int8q_block_fn block, const int8_t *w, const uint16_t *scales, const float *x,
+                          const float *bias, float *y, int64_t n, int64_t k) {
+    int64_t groups = (k + INT8_GROUP - 1) / INT8_GROUP, padded = (k + 15) / 16 * 16;
+    int16_t *xq = (int16_t *)calloc((size_t)padded * sizeof(int16_t) + (size_t)groups * sizeof(float), 1);
+    if (!xq) return 0;
+    float *xs = (float *)(xq + padded);
+    if (!quantize_x(x, k, INT8_GROUP, xq, xs, NULL)) {
+        for (int64_t i = 0; i < n; i++) y[i] = __builtin_nanf("");
+        free(xq);
+        return 1;
+    }
+    int64_t blocks = (n + ROWS - 1) / ROWS;
+#pragma omp parallel for schedule(static) if (n * k >= PARALLEL_MIN)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t n0 = b * ROWS;
+        int rows = n - n0 < ROWS ? (int)(n - n0) : ROWS;
+        float sums[ROWS];
+        block(w + n0 * k, xq, xs, k, rows, sums);
+        int8_store(sums, rows, scales + n0, bias ? bias + n0 : NULL, y + n0);
+    }
+    free(xq);
+    return 1;
 }
 
 void qv_gemv_f32_avx512(const float *w, const float *x, const float *bias, float *y, int64_t n, int64_t k) {
@@ -83,14 +149,15 @@ void qv_gemv_bf16_avx2(const uint16_t *w, const uint16_t *x, const uint16_t *bia
     gemv_bf16(bf16_block_avx2, w, x, bias, y, n, k);
 }
 
-void qv_gemv_int8_avx512(const int8_t *w, const uint16_t *scales, const float *x, const float *bias, float *y,
-                         int64_t n, int64_t k) {
+int64_t qv_gemv_int8_avx512(const int8_t *w, const uint16_t *scales, const float *x, const float *bias, float *y,
+                            int64_t n, int64_t k) {
     gemv_int8(int8_block_avx512, w, scales, x, bias, y, n, k);
+    return 1;
 }
 
-void qv_gemv_int8_avx2(const int8_t *w, const uint16_t *scales, const float *x, const float *bias, float *y,
-                       int64_t n, int64_t k) {
-    gemv_int8(int8_block_avx2, w, scales, x, bias, y, n, k);
+int64_t qv_gemv_int8_avx2(const int8_t *w, const uint16_t *scales, const float *x, const float *bias, float *y,
+                          int64_t n, int64_t k) {
+    return gemv_int8q(int8_block_avx2, w, scales, x, bias, y, n, k);
 }
 
 /* ---- int4 in torch's CPU pack (_convert_weight_to_int4pack_for_cpu), groupwise (scale, zero) in
@@ -101,10 +168,8 @@ void qv_gemv_int8_avx2(const int8_t *w, const uint16_t *scales, const float *x, 
  * multiple of 16) holds (N % B) / 2 bytes a k, byte j rows 2j (low) and 2j + 1 (high). model/int4.py
  * decodes the same layouts in torch ops (the oracle).
  *
- * Activations: each group of x as int16 times a power of two (2^e, the largest |x| of the group at
- * 2^14..2^15 - 1), so every bfloat16 value within 2^7 of the group's largest is exact and the rest are
- * off by at most 2^(e-1). Then the sums are integers, summed exactly in int32 lanes (avx512.c, avx2.c:
- * the same sums and roundings, so both sets give the same bits). */
+ * Activations: quantize_x in the weights' groups; the sums are integers, summed exactly in int32 lanes
+ * (avx512.c, avx2.c: the same sums and roundings, so both sets give the same bits). */
 
 /* The last rows of a matrix (N % block, a multiple of 16), pairs of rows per byte: plain C, the same sums. */
 static void int4_tail(const uint8_t *w, const uint16_t *sz, const int16_t *xq, const float *xs,
@@ -125,37 +190,6 @@ static void int4_tail(const uint8_t *w, const uint16_t *sz, const int16_t *xq, c
     }
 }
 
-/* x # (K,) -> xq # (K,) int16, per group xs = 2^e and xsum = 2^e * sum(xq). Returns 0 if x holds a NaN or
- * an infinity (the caller then answers NaN). */
-static int int4_quantize_x(const float *x, int64_t k, int64_t group, int16_t *xq, float *xs,
-                                       float *xsum) {
-    for (int64_t g = 0; g < k / group; g++) {
-        const float *xg = x + g * group;
-        float top = 0.0f;
-        for (int64_t i = 0; i < group; i++) {
-            float a = fabsf(xg[i]);
-            if (!(a <= 3.0e38f)) return 0; /* NaN or infinite */
-            top = a > top ? a : top;
-        }
-        int e = 0;
-        if (top > 0.0f) {
-            frexpf(top, &e);      /* top = f * 2^e, f in [0.5, 1) */
-            e -= 15;              /* top / 2^e in [2^14, 2^15) */
-            if (ldexpf(top, -e) >= 32767.5f) e += 1;
-        }
-        double up = ldexp(1.0, -e); /* in double: 2^-e overflows float for groups of subnormals */
-        int32_t total = 0;
-        for (int64_t i = 0; i < group; i++) {
-            int32_t v = (int32_t)nearbyint(xg[i] * up); /* exact scaling, round to nearest even */
-            xq[g * group + i] = (int16_t)v;
-            total += v;
-        }
-        xs[g] = ldexpf(1.0f, e);
-        xsum[g] = (float)total * xs[g];
-    }
-    return 1;
-}
-
 /* Answers 0 (nothing written) when out of memory, else 1. */
 static int64_t gemv_int4(int4_block_fn block, int64_t block_rows, const uint8_t *w, const uint16_t *sz,
                          const float *x, const float *bias, float *y, int64_t n, int64_t k, int64_t group) {
@@ -163,7 +197,7 @@ static int64_t gemv_int4(int4_block_fn block, int64_t block_rows, const uint8_t 
     int16_t *xq = (int16_t *)malloc((size_t)k * sizeof(int16_t) + 2 * (size_t)groups * sizeof(float));
     if (!xq) return 0;
     float *xs = (float *)(xq + k + (k & 1)), *xsum = xs + groups;
-    if (!int4_quantize_x(x, k, group, xq, xs, xsum)) {
+    if (!quantize_x(x, k, group, xq, xs, xsum)) {
         for (int64_t i = 0; i < n; i++) y[i] = __builtin_nanf("");
         free(xq);
         return 1;
