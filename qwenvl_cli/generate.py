@@ -18,6 +18,7 @@ from qwenvl_cli.config import GenerationConfig, check_sampling
 from qwenvl_cli.errors import PromptError
 from qwenvl_cli.model.qwen2_5_vl import Prompt, Qwen2_5_VL
 from qwenvl_cli.model.rope import signed_sin
+from qwenvl_cli.model.native_step import NativeStep
 from qwenvl_cli.model.text import KVCache
 
 if TYPE_CHECKING:
@@ -187,8 +188,12 @@ def _check_length(model: Qwen2_5_VL, prompt: Prompt) -> None:
 class Generator:
     """Cached generation for one model: prefill once, then one decode step per token."""
 
-    def __init__(self, model: Qwen2_5_VL) -> None:
+    def __init__(self, model: Qwen2_5_VL, native_step: bool = True) -> None:
+        """native_step=False keeps every decode step on the modules (TextModel.decode: the bound step's
+        oracle)."""
         self.model = model
+        self.native_step = native_step
+        self._bound: tuple[KVCache, NativeStep | None] | None = None  # the bound step of the current cache
 
     @torch.inference_mode()
     def prefill(self, prompt: Prompt, cache: KVCache) -> torch.Tensor:
@@ -205,9 +210,21 @@ class Generator:
     ) -> torch.Tensor:
         """token # (1, 1) long on device at sequence index `index`; cos # (1, 1, hd) and sin_signed
         (rope.signed_sin of the sin table) # (1, 1, hd). -> (1, V)."""
+        bound = self._bind(cache)
+        if bound is not None:
+            return bound.step(token, index, cos, sin_signed)
         m = self.model
         hidden = m.model.decode(m.model.embed_tokens(token), cos, sin_signed, cache, index)
         return m.logits(hidden[:, -1])
+
+    def _bind(self, cache: KVCache) -> NativeStep | None:
+        """The native step bound to `cache` (model/native_step.py), made on its first step; None where it
+        does not apply."""
+        if not self.native_step:
+            return None
+        if self._bound is None or self._bound[0] is not cache:
+            self._bound = (cache, NativeStep.build(self.model, cache))
+        return self._bound[1]
 
     @torch.inference_mode()
     def stream(
@@ -234,28 +251,31 @@ class Generator:
         if constraint is not None:
             constraint.reset()
 
-        logits = self.prefill(prompt, cache)
-        for i in range(n_new):
-            if constraint is not None:
-                # The mask is computed on the host while the decode step queued last iteration runs.
-                logits = apply_constraint(logits, constraint)
-            logits = penalize_seen(logits, seen_ids, params.repetition_penalty)
-            token = choose(logits, params, rng)  # (1,)
-            token_id = int(token.item())  # the one host sync per token: the caller streams it
-            if constraint is not None:
-                constraint.advance(token_id)
-            if token_id in eos or _complete(constraint):
-                yield Step(token_id, "stop")
-                return
-            if i == n_new - 1:
-                yield Step(token_id, "length")
-                return
-            yield Step(token_id)
-            if token_id not in seen:
-                seen.add(token_id)
-                seen_ids = torch.cat([seen_ids, token])
-            index = prompt.length + i
-            logits = self.decode_step(token[:, None], index, cos_all[:, i : i + 1], sin_all[:, i : i + 1], cache)
+        try:  # the bound step holds the cache: let both go with the answer
+            logits = self.prefill(prompt, cache)
+            for i in range(n_new):
+                if constraint is not None:
+                    # The mask is computed on the host while the decode step queued last iteration runs.
+                    logits = apply_constraint(logits, constraint)
+                logits = penalize_seen(logits, seen_ids, params.repetition_penalty)
+                token = choose(logits, params, rng)  # (1,)
+                token_id = int(token.item())  # the one host sync per token: the caller streams it
+                if constraint is not None:
+                    constraint.advance(token_id)
+                if token_id in eos or _complete(constraint):
+                    yield Step(token_id, "stop")
+                    return
+                if i == n_new - 1:
+                    yield Step(token_id, "length")
+                    return
+                yield Step(token_id)
+                if token_id not in seen:
+                    seen.add(token_id)
+                    seen_ids = torch.cat([seen_ids, token])
+                index = prompt.length + i
+                logits = self.decode_step(token[:, None], index, cos_all[:, i : i + 1], sin_all[:, i : i + 1], cache)
+        finally:
+            self._bound = None
 
 
 @torch.inference_mode()

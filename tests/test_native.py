@@ -168,6 +168,132 @@ def test_model_on_native_kernels_generates_what_the_oracle_does(make_ckpt, kerne
             torch.testing.assert_close(steps[0], steps[1], atol=1e-4, rtol=0)  # the parity standard
 
 
+# ---- the bound decode step (model/native_step.py) against the modules' (TextModel.decode)
+
+
+def _steps(model, native_step: bool, n: int = 4, past: int = 20):
+    """n decode steps after `past` random cache entries: the logits of each and the cache."""
+    from qwenvl_cli.model.rope import signed_sin
+    from qwenvl_cli.model.text import KVCache
+
+    g = torch.Generator().manual_seed(7)
+    cache = KVCache.allocate(model.config.text, 1, past + n, "cpu", model.dtype)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    cos, sin = model.decode_tables(torch.arange(past, past + n) + 3)
+    gen, out = Generator(model, native_step=native_step), []
+    with torch.inference_mode():
+        for i in range(n):
+            token = torch.tensor([[9707 + 1000 * i]])
+            out.append(gen.decode_step(token, past + i, cos[:, i : i + 1], signed_sin(sin[:, i : i + 1]), cache))
+    return out, cache
+
+
+@pytest.mark.parametrize("dtype, quantize, tol", [
+    (torch.float32, None, 1e-5), (torch.bfloat16, None, 2**-7), (torch.float32, "int8", 2e-3),
+    (torch.float32, "int4", 2e-3), (torch.bfloat16, "int8", 2**-7),
+])
+def test_native_step_answers_what_the_module_step_does(make_ckpt, kernels, dtype, quantize, tol):
+    """Step after step, the bound step's logits are the module path's within `tol` of their largest (float32:
+    silu's exp is libm's, not torch's; int8 and int4 take activations as int16, where an ulp can move a
+    rounding), and the cache slots it writes hold the same keys and values; the first step's first layer,
+    before any silu, to the bit. A bfloat16 model's int8 matrices (no bound call) run as their modules."""
+    from qwenvl_cli.model.native_step import NativeStep
+
+    for tied in (False, True):
+        ckpt = open_checkpoint(make_ckpt(tied=tied, dtype="bfloat16", shards=3) if tied else make_ckpt())
+        model = load_model(ckpt, "cpu", dtype, quantize=quantize)
+        fast, fast_cache = _steps(model, True)
+        slow, slow_cache = _steps(model, False)
+        step = NativeStep.build(model, fast_cache)
+        assert step is not None and len(step.calls) >= 9 * model.config.text.num_hidden_layers
+        for i, (a, b) in enumerate(zip(fast, slow)):
+            assert a.dtype == torch.float32 and a.shape == b.shape == (1, model.config.text.vocab_size)
+            assert (a - b).abs().max() <= tol * b.abs().max(), f"step {i}"
+        assert torch.equal(fast_cache.k[0, :, :, 20], slow_cache.k[0, :, :, 20])
+        assert torch.equal(fast_cache.v[0, :, :, 20], slow_cache.v[0, :, :, 20])
+        torch.testing.assert_close(fast_cache.k, slow_cache.k, atol=tol * 8, rtol=tol)
+        torch.testing.assert_close(fast_cache.v, slow_cache.v, atol=tol * 8, rtol=tol)
+
+
+def test_native_step_is_not_bound_where_it_does_not_apply(make_ckpt, kernels):
+    """A batch's cache, or a cache in another dtype than the model's: the module path serves."""
+    from qwenvl_cli.model.native_step import NativeStep
+    from qwenvl_cli.model.text import KVCache
+
+    model = load_model(open_checkpoint(make_ckpt()), "cpu", torch.float32)
+    cfg = model.config.text
+    assert NativeStep.build(model, KVCache.allocate(cfg, 2, 8, "cpu", torch.float32)) is None
+    assert NativeStep.build(model, KVCache.allocate(cfg, 1, 8, "cpu", torch.bfloat16)) is None
+    step = NativeStep.build(model, KVCache.allocate(cfg, 1, 8, "cpu", torch.float32))
+    cos, sin = model.decode_tables(torch.arange(8, 9))
+    with pytest.raises(IndexError):
+        step.step(torch.tensor([[1]]), 8, cos, sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_kv_rotates_as_the_module_step_and_writes_the_cache_slot(kernels, dtype):
+    """step.c's rope_kv against text.Attention.decode's torch ops, to the bit: q heads out in float32, the
+    rotated k heads and the v heads in slot `index` of every kv head, nothing else of the cache touched."""
+    h, kv, hd, max_len, index = 4, 2, 32, 9, 5
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn((h + 2 * kv) * hd, generator=g).to(dtype)
+    cos, sin = torch.randn(hd, generator=g).to(dtype), torch.randn(hd, generator=g).to(dtype)
+    k, v = torch.zeros(1, kv, max_len, hd, dtype=dtype), torch.zeros(1, kv, max_len, hd, dtype=dtype)
+    q = torch.empty(h, hd)
+    state = native.StepState(index, cos.data_ptr(), sin.data_ptr())
+    kernels.bind_rope_kv(state, qkv, h, k, v, q)()
+    qk = qkv[: (h + kv) * hd].view(h + kv, hd)
+    want = qk * cos + qk.roll(hd // 2, -1) * sin
+    assert torch.equal(q, want[:h].float())
+    assert torch.equal(k[0, :, index], want[h:]) and torch.equal(v[0, :, index], qkv[(h + kv) * hd :].view(kv, hd))
+    assert not k[0, :, :index].any() and not v[0, :, index + 1 :].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_norm_silu_and_narrowing_ops_are_the_torch_ops(kernels, dtype):
+    """add + rms_norm to the bit (x updated in place, as `x = x + o` before the next norm); silu * up within
+    an ulp of the dtype (libm's exp against torch's); float32 -> bfloat16 to the bit."""
+    from qwenvl_cli.model.vision import RMSNorm
+
+    g = torch.Generator().manual_seed(2)
+    x, d = (3 * torch.randn(96, generator=g)).to(dtype), torch.randn(96, generator=g).to(dtype)
+    norm = RMSNorm(96, 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(96, generator=g))
+    want_x = x + d
+    y, x0 = torch.empty_like(x), x.clone()
+    kernels.bind_rms_norm(x, norm.weight, norm.eps, y, d)()
+    with torch.inference_mode():
+        assert torch.equal(x, want_x) and torch.equal(y, norm.reference(want_x))
+        kernels.bind_rms_norm(x0, norm.weight, norm.eps, y)()
+        assert torch.equal(y, norm.reference(x0))
+    gu = (4 * torch.randn(2 * 96, generator=g)).to(dtype)
+    act = torch.empty(96, dtype=dtype)
+    kernels.bind_silu_mul(gu, act)()
+    want = F.silu(gu[:96]) * gu[96:]
+    ulp = torch.finfo(dtype).eps * want.abs()
+    assert ((act.double() - want.double()).abs() <= 2 * ulp.double() + 1e-30).all()
+    wide = torch.randn(50, generator=g) * 1e3
+    narrow = torch.empty(50, dtype=torch.bfloat16)
+    kernels.bind_to_bfloat16(wide, narrow)()
+    assert torch.equal(narrow, wide.bfloat16())
+
+
+def test_bound_calls_refuse_tensors_they_cannot_take(kernels):
+    """Checked once when bound, in words: a wrong dtype, shape or a strided view is a ValueError, never a
+    call reading past a tensor."""
+    w, x, y = torch.randn(8, 16), torch.randn(16), torch.empty(8)
+    with pytest.raises(ValueError, match="gemv"):
+        kernels.bind_gemv(w, None, x.bfloat16(), y)
+    with pytest.raises(ValueError, match="gemv"):
+        kernels.bind_gemv(w, None, torch.randn(32)[::2], y)
+    with pytest.raises(ValueError, match="silu_mul"):
+        kernels.bind_silu_mul(torch.randn(15), torch.empty(8))
+    with pytest.raises(ValueError, match="rms_norm"):
+        kernels.bind_rms_norm(torch.randn(4), torch.ones(4), 1e-6, torch.empty(4))
+
+
 def test_int8_native_path_matches_the_quantized_oracle(kernels):
     """One row through Int8Linear on the native kernel against dequantize-then-matmul in float32 (of the
     activations the kernel takes: on AVX2 their int16 form, a few ulps of float32 from x)."""

@@ -289,6 +289,15 @@ class Int4Linear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
+    def decode_call(self, x: torch.Tensor, y: torch.Tensor):
+        """forward's native one-row product bound to x # (K,) and y # (N,) float32 (model/native_step.py),
+        or None (no native kernels or not their pack, or a model in another dtype)."""
+        kernels = native.kernels()
+        if (kernels is None or self.layout != native_layout(kernels) or x.dtype != torch.float32
+                or (self.bias is not None and self.bias.dtype != x.dtype)):
+            return None
+        return kernels.bind_gemv_int4(self.weight, self.scales_and_zeros, self.bias, x, y, self.group_size)
+
     def _dequantize_t(self, dtype: torch.dtype) -> torch.Tensor:  # (K, N)
         return dequantize_int4_t(self.weight, self.scales_and_zeros, self.out_features, self.in_features,
                                  self.group_size, dtype, self.layout)

@@ -103,6 +103,11 @@ class NativeLinear(nn.Module):
         y = self.kernels.gemv(self.weight, x.reshape(-1).contiguous(), self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
+    def decode_call(self, x: torch.Tensor, y: torch.Tensor):
+        """forward's one-row product bound to x # (K,) and y # (N,) (model/native_step.py), or None where x
+        is not in the weight's dtype."""
+        return self.kernels.bind_gemv(self.weight, self.bias, x, y) if x.dtype == self.weight.dtype else None
+
     def dense_weight(self) -> torch.Tensor:  # (N, K), the weight itself
         return self.weight
 
@@ -222,6 +227,14 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def decode_call(self, x: torch.Tensor, y: torch.Tensor):
+        """forward's native one-row product bound to x # (K,) and y # (N,) float32 (model/native_step.py),
+        or None (no native kernels, or a model in another dtype: forward converts around the kernel)."""
+        kernels = native.kernels()
+        if kernels is None or x.dtype != torch.float32 or (self.bias is not None and self.bias.dtype != x.dtype):
+            return None
+        return kernels.bind_gemv_int8(self.weight, self.scales, self.bias, x, y)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # (N, K)
         return (self.weight.to(dtype) * self.scales.to(dtype)[:, None]).to(dtype)

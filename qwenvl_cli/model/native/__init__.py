@@ -1,5 +1,6 @@
 """The native kernels (gemv.c: the decode step's matrix-vector products; attention.c: its one-query
-attention; norm.c: RMSNorm; vision.c: the vision attention's rotary gather and scatter), with inner loops
+attention; norm.c: RMSNorm; step.c: the decode step's small ops; vision.c: the vision attention's rotary
+gather and scatter), with inner loops
 for AVX-512 (avx512.c) and for AVX2 (avx2.c): built on first use with the system C compiler into a per-user
 cache, loaded with ctypes after torch (so their OpenMP threads are torch's), checked against torch on small
 products before use. Anything missing (not x86-64 Linux with AVX2 and FMA, no compiler, a failed build or
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 SOURCES = tuple(sorted(Path(__file__).parent.glob("*.[ch]")))  # compiled together into one library
-ABI = 3  # qv_abi() of the sources above; a library answering otherwise is rebuilt
+ABI = 4  # qv_abi() of the sources above; a library answering otherwise is rebuilt
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11")
 LIBS = ("-lm",)
 # The instruction sets, best first: what each needs of the CPU for its float32, int8 and attention loops.
@@ -32,6 +33,13 @@ LIBS = ("-lm",)
 SETS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "fma"}, "avx2": {"avx2", "fma"}}
 SET_NAMES = {"avx512": "AVX-512", "avx2": "AVX2"}
 _P, _I = ctypes.c_void_p, ctypes.c_int64
+_F = ctypes.c_float
+
+
+class StepState(ctypes.Structure):
+    """common.h's qv_step: what the bound calls of a decode step read that changes from step to step."""
+
+    _fields_ = [("index", _I), ("cos", _P), ("sin", _P)]
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,16 @@ class Kernels:
         for fn in self._norms.values():
             fn.argtypes = [_P, _P, ctypes.c_float, _P, _I, _I]
             fn.restype = _I
+        # the decode step's own calls (step.c, attention.c's step entries): one dtype each, f32 / bf16
+        self.attention_lanes = 16 if isa == "avx512" else 8  # the head size must be a multiple, up to 256
+        self._attention_step, self._add_norm, self._rope_kv, self._silu_mul = {}, {}, {}, {}
+        for dtype, kind in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+            self._attention_step[dtype] = _typed(getattr(lib, f"qv_decode_attention_step_{kind}_{isa}"),
+                                                 [_P] * 4 + [_I] * 4 + [_F, _P, _P], _I)
+            self._add_norm[dtype] = _typed(getattr(lib, f"qv_add_rms_norm_{kind}"), [_P] * 3 + [_F, _P, _I], _I)
+            self._rope_kv[dtype] = _typed(getattr(lib, f"qv_rope_kv_{kind}"), [_P, _P] + [_I] * 3 + [_P, _P, _I, _P])
+            self._silu_mul[dtype] = _typed(getattr(lib, f"qv_silu_mul_{kind}"), [_P, _I, _P])
+        self._to_bf16 = _typed(lib.qv_f32_to_bf16, [_P, _I, _P])
 
     @property
     def int4(self) -> bool:
@@ -93,23 +111,41 @@ class Kernels:
 
     def gemv(self, weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """weight # (N, K), x # (K,), bias # (N,) or None, all float32 or all bfloat16 -> (N,)."""
-        n, k = weight.shape
-        y = torch.empty(n, dtype=weight.dtype)
-        fn = self._f32 if weight.dtype == torch.float32 else self._bf16
-        fn(weight.data_ptr(), x.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(), n, k)
+        y = torch.empty(weight.shape[0], dtype=weight.dtype)
+        self.bind_gemv(weight, bias, x, y)()
         return y
+
+    # ---- bound calls: each bind_* checks its tensors once and answers a call of no arguments that reads x
+    # and writes y (contiguous CPU tensors the caller keeps alive) when called; calls answering 0 failed
+    # (out of memory), others None or 1. model/native_step.py strings them into a decode step.
+
+    def bind_gemv(self, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor):
+        """`gemv` into y."""
+        n, k = weight.shape
+        _expect("gemv", [(weight, (n, k)), (x, (k,)), (y, (n,))] + [(bias, (n,))] * (bias is not None),
+                weight.dtype)
+        fn = self._f32 if weight.dtype == torch.float32 else self._bf16
+        return functools.partial(fn, weight.data_ptr(), x.data_ptr(), _ptr(bias), y.data_ptr(), n, k)
 
     def gemv_int8(self, weight: torch.Tensor, scales: torch.Tensor, x: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
         """weight # (N, K) int8, scales # (N,) bfloat16, x # (K,) float32, bias # (N,) float32 or None
         -> (N,) float32: (W x) * scales (+ bias); with `int8_group` set, each group of that many of x taken
         as int16 times a power of two (as gemv_int4 takes it), the products summed exactly in int32."""
-        n, k = weight.shape
-        y = torch.empty(n, dtype=torch.float32)
-        if not self._int8(weight.data_ptr(), scales.data_ptr(), x.data_ptr(),
-                          bias.data_ptr() if bias is not None else None, y.data_ptr(), n, k):
-            raise MemoryError(f"int8 kernel: no memory for {k} activations")
+        y = torch.empty(weight.shape[0], dtype=torch.float32)
+        if not self.bind_gemv_int8(weight, scales, bias, x, y)():
+            raise MemoryError(f"int8 kernel: no memory for {weight.shape[1]} activations")
         return y
+
+    def bind_gemv_int8(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                       x: torch.Tensor, y: torch.Tensor):
+        """`gemv_int8` into y."""
+        n, k = weight.shape
+        _expect("int8 gemv", [(weight, (n, k))], torch.int8)
+        _expect("int8 gemv", [(scales, (n,))], torch.bfloat16)
+        _expect("int8 gemv", [(x, (k,)), (y, (n,))] + [(bias, (n,))] * (bias is not None), torch.float32)
+        return functools.partial(self._int8, weight.data_ptr(), scales.data_ptr(), x.data_ptr(), _ptr(bias),
+                                 y.data_ptr(), n, k)
 
     def gemv_int4(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, x: torch.Tensor,
                   bias: torch.Tensor | None, group: int) -> torch.Tensor:
@@ -118,17 +154,25 @@ class Kernels:
         float32 or None -> (N,) float32: sum_k ((q - 8) * scale + zero) * x (+ bias), N % 16 == 0, with
         each group of x taken as int16 times a power of two (gemv.c: exact for bfloat16 values within 2^7 of
         the group's largest, else off by at most 2^-15 of it)."""
+        y = torch.empty(packed.shape[0], dtype=torch.float32)
+        if not self.bind_gemv_int4(packed, scales_and_zeros, bias, x, y, group)():
+            raise MemoryError(f"int4 kernel: no memory for {packed.shape[1] * 2} activations")
+        return y
+
+    def bind_gemv_int4(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
+                       x: torch.Tensor, y: torch.Tensor, group: int):
+        """`gemv_int4` into y."""
         n, k = packed.shape[0], packed.shape[1] * 2
         if (n % 16 or k % group or group % 2 or scales_and_zeros.shape != (k // group, n, 2)
                 or x.shape != (k,) or x.dtype != torch.float32 or packed.dtype != torch.uint8
                 or scales_and_zeros.dtype != torch.bfloat16):
             raise ValueError(f"int4 kernel: a {n}x{k} {packed.dtype} pack in groups of {group}, scales "
                              f"{tuple(scales_and_zeros.shape)} {scales_and_zeros.dtype}, x {tuple(x.shape)} {x.dtype}")
-        y = torch.empty(n, dtype=torch.float32)
-        if not self._int4(packed.data_ptr(), scales_and_zeros.data_ptr(), x.data_ptr(),
-                          bias.data_ptr() if bias is not None else None, y.data_ptr(), n, k, group):
-            raise MemoryError(f"int4 kernel: no memory for {k} activations")
-        return y
+        _expect("int4 gemv", [(x, (k,)), (y, (n,))] + [(bias, (n,))] * (bias is not None), torch.float32)
+        _expect("int4 gemv", [(packed, (n, k // 2))], torch.uint8)
+        _expect("int4 gemv", [(scales_and_zeros, (k // group, n, 2))], torch.bfloat16)
+        return functools.partial(self._int4, packed.data_ptr(), scales_and_zeros.data_ptr(),
+                                 x.data_ptr(), _ptr(bias), y.data_ptr(), n, k, group)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
         """Rows: x # (..., D), weight # (D,), both float32 or both bfloat16 -> (..., D), vision.RMSNorm's
@@ -161,6 +205,61 @@ class Kernels:
                   scratch.data_ptr(), out.data_ptr()):
             return None
         return out.to(q.dtype).view(1, h, 1, hd)
+
+    def bind_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, y: torch.Tensor,
+                      residual: torch.Tensor | None = None):
+        """y = RMSNorm(x) of one row x # (D,) (`rms_norm`'s bits); with `residual` # (D,), first x += residual
+        in x's dtype (a decoder layer's `x + ...` before its next norm)."""
+        dim = weight.numel()
+        _expect("rms_norm", [(x, (dim,)), (weight, (dim,)), (y, (dim,))] + [(residual, (dim,))] * (residual is not None),
+                x.dtype)
+        if dim < 8:
+            raise ValueError(f"rms_norm: rows of {dim}, shorter than a vector")
+        if residual is None:
+            return functools.partial(self._norms[x.dtype], x.data_ptr(), weight.data_ptr(), eps, y.data_ptr(), 1, dim)
+        return functools.partial(self._add_norm[x.dtype], x.data_ptr(), residual.data_ptr(), weight.data_ptr(), eps,
+                                 y.data_ptr(), dim)
+
+    def bind_rope_kv(self, state: StepState, qkv: torch.Tensor, heads: int, k: torch.Tensor, v: torch.Tensor,
+                     q: torch.Tensor):
+        """One token's fused projections qkv # ((heads + 2 kv) hd,) into a layer's cache k/v # (1, kv, max_len,
+        hd) at slot state.index, its q and k heads rotated by state.cos/sin (hd,) in qkv's dtype, as
+        text.Attention.decode rotates them; the q heads to q # (heads, hd) float32 (step.c)."""
+        _, kv, max_len, hd = k.shape
+        _expect("rope_kv", [(qkv, ((heads + 2 * kv) * hd,)), (k, (1, kv, max_len, hd)), (v, (1, kv, max_len, hd))],
+                qkv.dtype)
+        _expect("rope_kv", [(q, (heads, hd))], torch.float32)
+        if hd % 2:
+            raise ValueError(f"rope_kv: head size {hd}")
+        return functools.partial(self._rope_kv[qkv.dtype], ctypes.byref(state), qkv.data_ptr(), heads, kv, hd,
+                                 k.data_ptr(), v.data_ptr(), max_len * hd, q.data_ptr())
+
+    def bind_decode_attention(self, state: StepState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              scratch: torch.Tensor, out: torch.Tensor):
+        """`decode_attention` of q # (H, hd) float32 over a layer's cache k/v # (1, kv, max_len, hd) up to slot
+        state.index, into out # (H, hd) float32; scratch # (H, max_len) float32."""
+        heads, hd = q.shape
+        _, kv, max_len, _ = k.shape
+        _expect("decode_attention", [(k, (1, kv, max_len, hd)), (v, (1, kv, max_len, hd))], k.dtype)
+        _expect("decode_attention", [(q, (heads, hd)), (out, (heads, hd)), (scratch, (heads, max_len))],
+                torch.float32)
+        if hd % self.attention_lanes or hd > 256 or kv == 0 or heads % kv:
+            raise ValueError(f"decode_attention: {heads} heads of {hd} over {kv}")
+        return functools.partial(self._attention_step[k.dtype], ctypes.byref(state), q.data_ptr(), k.data_ptr(),
+                                 v.data_ptr(), heads, kv, hd, max_len * hd, hd**-0.5, scratch.data_ptr(),
+                                 out.data_ptr())
+
+    def bind_silu_mul(self, gate_up: torch.Tensor, out: torch.Tensor):
+        """out # (n,) = F.silu(gate) * up of gate_up # (2n,) (gate, then up)."""
+        n = out.numel()
+        _expect("silu_mul", [(gate_up, (2 * n,)), (out, (n,))], out.dtype)
+        return functools.partial(self._silu_mul[out.dtype], gate_up.data_ptr(), n, out.data_ptr())
+
+    def bind_to_bfloat16(self, x: torch.Tensor, y: torch.Tensor):
+        """y = x.to(torch.bfloat16) for x # (n,) float32."""
+        _expect("to_bfloat16", [(x, y.shape)], torch.float32)
+        _expect("to_bfloat16", [(y, x.shape)], torch.bfloat16)
+        return functools.partial(self._to_bf16, x.data_ptr(), x.numel(), y.data_ptr())
 
     def rope_gather(self, src: torch.Tensor, column: int, heads: int, head_dim: int, cos: torch.Tensor | None,
                     sin: torch.Tensor | None, gather: torch.Tensor) -> torch.Tensor:
@@ -200,6 +299,23 @@ class Kernels:
         self._scatter(src.data_ptr(), src.element_size(), heads, lmax, hd, src.stride(0), src.stride(1),
                       src.stride(2), scatter.data_ptr(), n, dst.data_ptr())
         return dst
+
+
+def _typed(fn, argtypes: list, restype=None):
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _expect(op: str, tensors: list, dtype: torch.dtype) -> None:
+    """Each (tensor, shape) contiguous on the CPU in `dtype`, else ValueError naming `op`."""
+    for t, shape in tensors:
+        if t.device.type != "cpu" or t.dtype != dtype or tuple(t.shape) != tuple(shape) or not t.is_contiguous():
+            raise ValueError(f"{op}: a {tuple(t.shape)} {t.dtype} tensor on {t.device} where a contiguous "
+                             f"{tuple(shape)} {dtype} one goes")
 
 
 def kernels() -> Kernels | None:

@@ -41,6 +41,13 @@ static int64_t decode_attention(scores_fn scores, mix_fn mix, int64_t lanes, int
                                               float scale, float *scratch, float *out) {                   \
         return decode_attention(scores_##KIND##_##SET, mix_##KIND##_##SET, LANES, sizeof(T), q, k, v, heads,  \
                                 kv_heads, len, hd, kv_stride, scale, scratch, out);                        \
+    }                                                                                                      \
+    /* the same over the cache up to the step's own slot (len = step->index + 1) */                          \
+    int64_t qv_decode_attention_step_##KIND##_##SET(const qv_step *step, const float *q, const T *k,           \
+                                                   const T *v, int64_t heads, int64_t kv_heads, int64_t hd,    \
+                                                   int64_t kv_stride, float scale, float *scratch, float *out) { \
+        return qv_decode_attention_##KIND##_##SET(q, k, v, heads, kv_heads, step->index + 1, hd, kv_stride,     \
+                                                 scale, scratch, out);                                     \
     }
 
 EXPORT_ATTENTION(float, f32, avx512, 16)

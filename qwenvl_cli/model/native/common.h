@@ -92,6 +92,14 @@ INTERNAL void int4_block_avx2(const uint8_t *w, const uint16_t *sz, const int16_
 
 /* ---- one head of the decode attention (attention.c): scores s[l] = (q . k_l) * scale over len rows of
  * hd, and out = sum_l p_l v_l; hd a multiple of the set's vector up to 256 ---- */
+/* What changes from one decode step to the next, read by step.c's ops and the attention's step entry (the
+ * caller rewrites it; every other argument of a step's calls stays the same). */
+typedef struct {
+    int64_t index;   /* the token's slot in the KV cache */
+    const void *cos; /* # (hd,) the step's rope tables, in the activations' dtype */
+    const void *sin; /* # (hd,) signed: rope.signed_sin */
+} qv_step;
+
 typedef void (*scores_fn)(const float *q, const void *k, int64_t len, int64_t hd, float scale, float *s);
 typedef void (*mix_fn)(const float *p, const void *v, int64_t len, int64_t hd, float *out);
 INTERNAL void scores_f32_avx512(const float *q, const void *k, int64_t len, int64_t hd, float scale,

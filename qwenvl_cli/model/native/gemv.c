@@ -20,7 +20,7 @@
 
 #include "common.h"
 
-int qv_abi(void) { return 3; }
+int qv_abi(void) { return 4; }
 
 static void gemv_f32(f32_block_fn block, const float *w, const float *x, const float *bias, float *y, int64_t n,
                      int64_t k) {
