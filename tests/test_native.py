@@ -463,7 +463,8 @@ def test_native_rms_norm_declines_what_torch_sums_another_way(kernels):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads, kv, hd, length", [(8, 2, 64, 1), (8, 2, 64, 300), (16, 2, 128, 5000),
-                                                  (4, 4, 16, 37), (28, 4, 128, 1000), (4, 2, 40, 33)])
+                                                  (4, 4, 16, 37), (28, 4, 128, 1000), (4, 2, 40, 33),
+                                                  (8, 2, 96, 13), (4, 1, 200, 70)])
 def test_decode_attention_native_is_the_torch_form_and_sdpa(kernels, dtype, heads, kv, hd, length):
     """On views of a preallocated cache (rows of a longer buffer), as the decode step passes them: within
     float32 summation error of the two-matmul torch form and of SDPA, in the query's dtype."""

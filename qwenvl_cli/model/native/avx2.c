@@ -330,42 +330,79 @@ AVX2_TARGET static inline __m256 load8_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
-/* Scores four keys at a time: four independent chains of FMAs (one key's chain alone waits on the FMA
- * latency: 2362 keys x 8 heads took 248 us a layer on Zen 3), summed across lanes together by hadd. */
+/* Scores eight keys at a time: eight independent chains of FMAs (one key's chain alone waits on the FMA
+ * latency: 2362 keys x 8 heads took 248 us a layer on Zen 3; four chains still half of the FMA rate), the
+ * query read from L1 as an operand (a copy in a runtime-sized array went through the stack), each four
+ * summed across lanes together by hadd: the same sums, in the same order, as four at a time. */
 #define SCORES_256(T, LOAD8)                                                                               \
     const T *kh = (const T *)k;                                                                            \
-    __m256 qv[32];                                                                                         \
-    for (int64_t j = 0; j < hd / 8; j++) qv[j] = _mm256_loadu_ps(q + 8 * j);                               \
     int64_t l = 0;                                                                                         \
+    for (; l + 8 <= len; l += 8) {                                                                         \
+        const T *k0 = kh + l * hd;                                                                         \
+        __m256 d[8];                                                                                       \
+        __m256 q0 = _mm256_loadu_ps(q);                                                                    \
+        for (int r = 0; r < 8; r++) d[r] = _mm256_mul_ps(q0, LOAD8(k0 + r * hd));                          \
+        for (int64_t j = 8; j < hd; j += 8) {                                                              \
+            __m256 qj = _mm256_loadu_ps(q + j);                                                            \
+            for (int r = 0; r < 8; r++) d[r] = _mm256_fmadd_ps(qj, LOAD8(k0 + r * hd + j), d[r]);          \
+        }                                                                                                  \
+        __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(d[0], d[1]), _mm256_hadd_ps(d[2], d[3]));                 \
+        __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(d[4], d[5]), _mm256_hadd_ps(d[6], d[7]));                 \
+        __m256 eight = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31)); \
+        _mm256_storeu_ps(s + l, _mm256_mul_ps(eight, _mm256_set1_ps(scale)));                              \
+    }                                                                                                      \
     for (; l + 4 <= len; l += 4) {                                                                         \
         const T *k0 = kh + l * hd;                                                                         \
-        __m256 d0 = _mm256_mul_ps(qv[0], LOAD8(k0)), d1 = _mm256_mul_ps(qv[0], LOAD8(k0 + hd));            \
-        __m256 d2 = _mm256_mul_ps(qv[0], LOAD8(k0 + 2 * hd)), d3 = _mm256_mul_ps(qv[0], LOAD8(k0 + 3 * hd)); \
-        for (int64_t j = 1; j < hd / 8; j++) {                                                             \
-            d0 = _mm256_fmadd_ps(qv[j], LOAD8(k0 + 8 * j), d0);                                            \
-            d1 = _mm256_fmadd_ps(qv[j], LOAD8(k0 + hd + 8 * j), d1);                                       \
-            d2 = _mm256_fmadd_ps(qv[j], LOAD8(k0 + 2 * hd + 8 * j), d2);                                   \
-            d3 = _mm256_fmadd_ps(qv[j], LOAD8(k0 + 3 * hd + 8 * j), d3);                                   \
+        __m256 q0 = _mm256_loadu_ps(q);                                                                    \
+        __m256 d0 = _mm256_mul_ps(q0, LOAD8(k0)), d1 = _mm256_mul_ps(q0, LOAD8(k0 + hd));                  \
+        __m256 d2 = _mm256_mul_ps(q0, LOAD8(k0 + 2 * hd)), d3 = _mm256_mul_ps(q0, LOAD8(k0 + 3 * hd));     \
+        for (int64_t j = 8; j < hd; j += 8) {                                                              \
+            __m256 qj = _mm256_loadu_ps(q + j);                                                            \
+            d0 = _mm256_fmadd_ps(qj, LOAD8(k0 + j), d0);                                                   \
+            d1 = _mm256_fmadd_ps(qj, LOAD8(k0 + hd + j), d1);                                              \
+            d2 = _mm256_fmadd_ps(qj, LOAD8(k0 + 2 * hd + j), d2);                                          \
+            d3 = _mm256_fmadd_ps(qj, LOAD8(k0 + 3 * hd + j), d3);                                          \
         }                                                                                                  \
         __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(d0, d1), _mm256_hadd_ps(d2, d3));                         \
         __m128 four = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));                  \
         _mm_storeu_ps(s + l, _mm_mul_ps(four, _mm_set1_ps(scale)));                                        \
     }                                                                                                      \
     for (; l < len; l++) {                                                                                 \
-        __m256 dot = _mm256_mul_ps(qv[0], LOAD8(kh + l * hd));                                             \
-        for (int64_t j = 1; j < hd / 8; j++) dot = _mm256_fmadd_ps(qv[j], LOAD8(kh + l * hd + 8 * j), dot); \
+        __m256 dot = _mm256_mul_ps(_mm256_loadu_ps(q), LOAD8(kh + l * hd));                                \
+        for (int64_t j = 8; j < hd; j += 8) dot = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), LOAD8(kh + l * hd + j), dot); \
         s[l] = sum8(dot) * scale;                                                                          \
+    }
+
+/* out = sum_l p_l v_l, the row 64 dims (8 registers) at a time over all keys: a fixed count of
+ * accumulators the compiler keeps in registers (a runtime-sized array of them went through the stack, a
+ * store-to-load wait a key); a narrower last chunk (hd not a multiple of 64) has its own fixed count. */
+#define MIX_CHUNK(T, LOAD8, N)                                                                             \
+    case N: {                                                                                              \
+        __m256 acc[N];                                                                                     \
+        for (int j = 0; j < N; j++) acc[j] = _mm256_setzero_ps();                                          \
+        for (int64_t l = 0; l < len; l++) {                                                                \
+            __m256 pl = _mm256_set1_ps(p[l]);                                                              \
+            const T *row = vh + l * hd + c;                                                                \
+            for (int j = 0; j < N; j++) acc[j] = _mm256_fmadd_ps(pl, LOAD8(row + 8 * j), acc[j]);          \
+        }                                                                                                  \
+        for (int j = 0; j < N; j++) _mm256_storeu_ps(out + c + 8 * j, acc[j]);                             \
+        break;                                                                                             \
     }
 
 #define MIX_256(T, LOAD8)                                                                                  \
     const T *vh = (const T *)v;                                                                            \
-    __m256 acc[32];                                                                                        \
-    for (int64_t j = 0; j < hd / 8; j++) acc[j] = _mm256_setzero_ps();                                     \
-    for (int64_t l = 0; l < len; l++) {                                                                    \
-        __m256 pl = _mm256_set1_ps(p[l]);                                                                  \
-        for (int64_t j = 0; j < hd / 8; j++) acc[j] = _mm256_fmadd_ps(pl, LOAD8(vh + l * hd + 8 * j), acc[j]); \
-    }                                                                                                      \
-    for (int64_t j = 0; j < hd / 8; j++) _mm256_storeu_ps(out + 8 * j, acc[j]);
+    for (int64_t c = 0; c < hd; c += 64) {                                                                 \
+        switch ((hd - c) / 8 < 8 ? (hd - c) / 8 : 8) {                                                     \
+            MIX_CHUNK(T, LOAD8, 8)                                                                         \
+            MIX_CHUNK(T, LOAD8, 7)                                                                         \
+            MIX_CHUNK(T, LOAD8, 6)                                                                         \
+            MIX_CHUNK(T, LOAD8, 5)                                                                         \
+            MIX_CHUNK(T, LOAD8, 4)                                                                         \
+            MIX_CHUNK(T, LOAD8, 3)                                                                         \
+            MIX_CHUNK(T, LOAD8, 2)                                                                         \
+            MIX_CHUNK(T, LOAD8, 1)                                                                         \
+        }                                                                                                  \
+    }
 
 AVX2_TARGET void scores_f32_avx2(const float *q, const void *k, int64_t len, int64_t hd, float scale, float *s) {
     SCORES_256(float, load8_f32)
