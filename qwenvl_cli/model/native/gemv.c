@@ -22,31 +22,80 @@
 
 int qv_abi(void) { return 4; }
 
-static void gemv_f32(f32_block_fn block, const float *w, const float *x, const float *bias, float *y, int64_t n,
-                     int64_t k) {
-    int64_t blocks = (n + ROWS - 1) / ROWS;
-#pragma omp parallel for schedule(static) if (n * k >= PARALLEL_MIN)
+/* One product: its set's block loop, its tensors, and what the activations became (int16 groups: xq, xs,
+ * xsum; see quantize_x). Each kind's *_rows computes rows [n0, n0 + rows) of y from it. */
+typedef struct {
+    union {
+        f32_block_fn f32;
+        bf16_block_fn bf16;
+        int8_block_fn int8;
+        int8q_block_fn int8q;
+        int4_block_fn int4;
+    } block;
+    const void *w, *x, *bias;
+    const uint16_t *scales; /* int8: one bfloat16 scale a row; int4: the (scale, zero) pairs */
+    void *y;
+    const int16_t *xq;
+    const float *xs, *xsum;
+    int64_t n, k, group;
+} product;
+
+typedef void (*rows_fn)(const product *p, int64_t n0, int rows);
+
+/* The threads split `blocks` blocks of block_rows rows (the last may be shorter) in contiguous runs: each
+ * thread one sequential stream of weights. One thread below PARALLEL_MIN weights. */
+static void for_blocks(rows_fn rows_of, const product *p, int64_t block_rows, int64_t blocks) {
+#pragma omp parallel for schedule(static) if (p->n * p->k >= PARALLEL_MIN)
     for (int64_t b = 0; b < blocks; b++) {
-        int64_t n0 = b * ROWS;
-        int rows = n - n0 < ROWS ? (int)(n - n0) : ROWS;
-        float sums[ROWS];
-        block(w + n0 * k, x, k, rows, sums);
-        for (int r = 0; r < rows; r++) y[n0 + r] = bias ? sums[r] + bias[n0 + r] : sums[r];
+        int64_t n0 = b * block_rows;
+        rows_of(p, n0, p->n - n0 < block_rows ? (int)(p->n - n0) : (int)block_rows);
     }
 }
 
-static void gemv_bf16(bf16_block_fn block, const uint16_t *w, const uint16_t *x, const uint16_t *bias,
-                      uint16_t *y, int64_t n, int64_t k) {
-    int64_t blocks = (n + ROWS - 1) / ROWS;
-#pragma omp parallel for schedule(static) if (n * k >= PARALLEL_MIN)
-    for (int64_t b = 0; b < blocks; b++) {
-        int64_t n0 = b * ROWS;
-        int rows = n - n0 < ROWS ? (int)(n - n0) : ROWS;
-        float sums[ROWS];
-        block(w + n0 * k, x, k, rows, sums);
-        for (int r = 0; r < rows; r++)
-            y[n0 + r] = f32_to_bf16(bias ? sums[r] + bf16_to_f32(bias[n0 + r]) : sums[r]);
+/* ... in blocks of ROWS rows */
+static void for_rows(rows_fn rows_of, const product *p) { for_blocks(rows_of, p, ROWS, (p->n + ROWS - 1) / ROWS); }
+
+static void f32_rows(const product *p, int64_t n0, int rows) {
+    const float *bias = p->bias;
+    float *y = (float *)p->y, sums[ROWS];
+    p->block.f32((const float *)p->w + n0 * p->k, p->x, p->k, rows, sums);
+    for (int r = 0; r < rows; r++) y[n0 + r] = bias ? sums[r] + bias[n0 + r] : sums[r];
+}
+
+static void bf16_rows(const product *p, int64_t n0, int rows) {
+    const uint16_t *bias = p->bias;
+    uint16_t *y = p->y;
+    float sums[ROWS];
+    p->block.bf16((const uint16_t *)p->w + n0 * p->k, p->x, p->k, rows, sums);
+    for (int r = 0; r < rows; r++) y[n0 + r] = f32_to_bf16(bias ? sums[r] + bf16_to_f32(bias[n0 + r]) : sums[r]);
+}
+
+/* rows of int8 products: y = sums * scale (+ bias) */
+static inline void int8_store(const product *p, int64_t n0, int rows, const float *sums) {
+    const float *bias = p->bias;
+    float *y = p->y;
+    for (int r = 0; r < rows; r++) {
+        float v = sums[r] * bf16_to_f32(p->scales[n0 + r]);
+        y[n0 + r] = bias ? v + bias[n0 + r] : v;
     }
+}
+
+static void int8_rows(const product *p, int64_t n0, int rows) {
+    float sums[ROWS];
+    p->block.int8((const int8_t *)p->w + n0 * p->k, p->x, p->k, rows, sums);
+    int8_store(p, n0, rows, sums);
+}
+
+static void int8q_rows(const product *p, int64_t n0, int rows) {
+    float sums[ROWS];
+    p->block.int8q((const int8_t *)p->w + n0 * p->k, p->xq, p->xs, p->k, rows, sums);
+    int8_store(p, n0, rows, sums);
+}
+
+static void int4_rows(const product *p, int64_t n0, int rows) {
+    (void)rows; /* always a whole block of the pack */
+    p->block.int4((const uint8_t *)p->w + n0 * (p->k / 2), p->scales + n0 * 2, p->xq, p->xs, p->xsum, p->n, p->k,
+                  p->group, (float *)p->y + n0);
 }
 
 /* The int4 and the AVX2 int8 products take the activations as int16: each group of x (the last may be
@@ -83,75 +132,58 @@ static int quantize_x(const float *x, int64_t k, int64_t group, int16_t *xq, flo
     return 1;
 }
 
-/* rows of int8 products: y = sums * scale (+ bias) */
-static inline void int8_store(const float *sums, int rows, const uint16_t *scales, const float *bias, float *y) {
-    for (int r = 0; r < rows; r++) {
-        float v = sums[r] * bf16_to_f32(scales[r]);
-        y[r] = bias ? v + bias[r] : v;
-    }
-}
-
-/* int8 weights with one bfloat16 scale per row: y = (W x) * scale (+ bias); x float32 (AVX-512), or
- * (AVX2, gemv_int8q) quantize_x's int16 in groups of INT8_GROUP. */
-static void gemv_int8(int8_block_fn block, const int8_t *w, const uint16_t *scales, const float *x,
-                      const float *bias, float *y, int64_t n, int64_t k) {
-    int64_t blocks = (n + ROWS - 1) / ROWS;
-#pragma omp parallel for schedule(static) if (n * k >= PARALLEL_MIN)
-    for (int64_t b = 0; b < blocks; b++) {
-        int64_t n0 = b * ROWS;
-        int rows = n - n0 < ROWS ? (int)(n - n0) : ROWS;
-        float sums[ROWS];
-        block(w + n0 * k, x, k, rows, sums);
-        int8_store(sums, rows, scales + n0, bias ? bias + n0 : NULL, y + n0);
-    }
-}
-
-/* Answers 0 (nothing written) when out of memory, else 1. */
-static int64_t gemv_int8q(int8q_block_fn block, const int8_t *w, const uint16_t *scales, const float *x,
-                          const float *bias, float *y, int64_t n, int64_t k) {
-    int64_t groups = (k + INT8_GROUP - 1) / INT8_GROUP, padded = (k + 15) / 16 * 16;
-    int16_t *xq = (int16_t *)calloc((size_t)padded * sizeof(int16_t) + (size_t)groups * sizeof(float), 1);
+/* The activations of an int16 product (gemv_int8q, gemv_int4) in p: quantize_x in groups of p->group into
+ * one allocation (free p->xq after), padded to `padded` values. Answers 0 when out of memory, -1 when x holds
+ * a NaN or an infinity (y is then all NaN), else 1. */
+static int quantize_for(product *p, int64_t padded, int sums) {
+    int64_t groups = (p->k + p->group - 1) / p->group;
+    int16_t *xq = (int16_t *)calloc((size_t)padded * sizeof(int16_t) + (1 + sums) * (size_t)groups * sizeof(float), 1);
     if (!xq) return 0;
     float *xs = (float *)(xq + padded);
-    if (!quantize_x(x, k, INT8_GROUP, xq, xs, NULL)) {
-        for (int64_t i = 0; i < n; i++) y[i] = __builtin_nanf("");
-        free(xq);
-        return 1;
-    }
-    int64_t blocks = (n + ROWS - 1) / ROWS;
-#pragma omp parallel for schedule(static) if (n * k >= PARALLEL_MIN)
-    for (int64_t b = 0; b < blocks; b++) {
-        int64_t n0 = b * ROWS;
-        int rows = n - n0 < ROWS ? (int)(n - n0) : ROWS;
-        float sums[ROWS];
-        block(w + n0 * k, xq, xs, k, rows, sums);
-        int8_store(sums, rows, scales + n0, bias ? bias + n0 : NULL, y + n0);
-    }
+    p->xq = xq, p->xs = xs, p->xsum = sums ? xs + groups : NULL;
+    if (quantize_x(p->x, p->k, p->group, xq, xs, sums ? xs + groups : NULL)) return 1;
+    for (int64_t i = 0; i < p->n; i++) ((float *)p->y)[i] = __builtin_nanf("");
     free(xq);
-    return 1;
+    return -1;
+}
+
+/* int8 weights with one bfloat16 scale per row on int16 activations (AVX2; the AVX-512 loops take x in
+ * float32): y = (W xq) * xs * scale (+ bias), xq quantize_x's in groups of INT8_GROUP. Answers 0 (nothing
+ * written) when out of memory, else 1. */
+static int64_t gemv_int8q(int8q_block_fn block, const int8_t *w, const uint16_t *scales, const float *x,
+                          const float *bias, float *y, int64_t n, int64_t k) {
+    product p = {.block.int8q = block, .w = w, .x = x, .bias = bias, .scales = scales, .y = y, .n = n, .k = k,
+                 .group = INT8_GROUP};
+    int got = quantize_for(&p, (k + 15) / 16 * 16, 0);
+    if (got == 1) {
+        for_rows(int8q_rows, &p);
+        free((void *)p.xq);
+    }
+    return got != 0;
 }
 
 void qv_gemv_f32_avx512(const float *w, const float *x, const float *bias, float *y, int64_t n, int64_t k) {
-    gemv_f32(f32_block_avx512, w, x, bias, y, n, k);
+    for_rows(f32_rows, &(product){.block.f32 = f32_block_avx512, .w = w, .x = x, .bias = bias, .y = y, .n = n, .k = k});
 }
 
 void qv_gemv_f32_avx2(const float *w, const float *x, const float *bias, float *y, int64_t n, int64_t k) {
-    gemv_f32(f32_block_avx2, w, x, bias, y, n, k);
+    for_rows(f32_rows, &(product){.block.f32 = f32_block_avx2, .w = w, .x = x, .bias = bias, .y = y, .n = n, .k = k});
 }
 
 void qv_gemv_bf16_avx512(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y, int64_t n,
                          int64_t k) {
-    gemv_bf16(bf16_block_avx512, w, x, bias, y, n, k);
+    for_rows(bf16_rows, &(product){.block.bf16 = bf16_block_avx512, .w = w, .x = x, .bias = bias, .y = y, .n = n, .k = k});
 }
 
 void qv_gemv_bf16_avx2(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y, int64_t n,
                        int64_t k) {
-    gemv_bf16(bf16_block_avx2, w, x, bias, y, n, k);
+    for_rows(bf16_rows, &(product){.block.bf16 = bf16_block_avx2, .w = w, .x = x, .bias = bias, .y = y, .n = n, .k = k});
 }
 
 int64_t qv_gemv_int8_avx512(const int8_t *w, const uint16_t *scales, const float *x, const float *bias, float *y,
                             int64_t n, int64_t k) {
-    gemv_int8(int8_block_avx512, w, scales, x, bias, y, n, k);
+    for_rows(int8_rows, &(product){.block.int8 = int8_block_avx512, .w = w, .x = x, .bias = bias, .scales = scales,
+                                   .y = y, .n = n, .k = k});
     return 1;
 }
 
@@ -193,25 +225,15 @@ static void int4_tail(const uint8_t *w, const uint16_t *sz, const int16_t *xq, c
 /* Answers 0 (nothing written) when out of memory, else 1. */
 static int64_t gemv_int4(int4_block_fn block, int64_t block_rows, const uint8_t *w, const uint16_t *sz,
                          const float *x, const float *bias, float *y, int64_t n, int64_t k, int64_t group) {
-    int64_t groups = k / group;
-    int16_t *xq = (int16_t *)malloc((size_t)k * sizeof(int16_t) + 2 * (size_t)groups * sizeof(float));
-    if (!xq) return 0;
-    float *xs = (float *)(xq + k + (k & 1)), *xsum = xs + groups;
-    if (!quantize_x(x, k, group, xq, xs, xsum)) {
-        for (int64_t i = 0; i < n; i++) y[i] = __builtin_nanf("");
-        free(xq);
-        return 1;
-    }
+    product p = {.block.int4 = block, .w = w, .x = x, .scales = sz, .y = y, .n = n, .k = k, .group = group};
+    int got = quantize_for(&p, k + (k & 1), 1);
+    if (got != 1) return got != 0;
     int64_t blocks = n / block_rows, full = blocks * block_rows;
-#pragma omp parallel for schedule(static) if (n * k >= PARALLEL_MIN)
-    for (int64_t b = 0; b < blocks; b++) {
-        int64_t n0 = b * block_rows;
-        block(w + n0 * (k / 2), sz + n0 * 2, xq, xs, xsum, n, k, group, y + n0);
-    }
-    if (full < n) int4_tail(w + full * (k / 2), sz + full * 2, xq, xs, xsum, n, n - full, k, group, y + full);
+    for_blocks(int4_rows, &p, block_rows, blocks);
+    if (full < n) int4_tail(w + full * (k / 2), sz + full * 2, p.xq, p.xs, p.xsum, n, n - full, k, group, y + full);
     if (bias)
         for (int64_t i = 0; i < n; i++) y[i] += bias[i];
-    free(xq);
+    free((void *)p.xq);
     return 1;
 }
 
