@@ -38,16 +38,21 @@ from qwenvl_cli.model import native  # noqa: E402
 from qwenvl_cli.model.loader import load_model, open_checkpoint, resolve_dtype  # noqa: E402
 from qwenvl_cli.model.quant import QUANTIZATIONS  # noqa: E402
 
-# (label, qwenvl --dtype, qwenvl --quantize, llama.cpp text GGUF type, llama.cpp mmproj type). "auto" is
-# qwenvl's default: bfloat16 where the CPU computes it natively, the vision tower in float32 where bfloat16
-# matmuls are no faster (loader.explain_vision_dtype); it is timed on the whole job only (its decode is
-# the bf16 row's).
+# (label, qwenvl --dtype, qwenvl --quantize, llama.cpp text GGUF type, llama.cpp mmproj type, the checkpoint
+# file's dtype). "auto" is qwenvl's default: bfloat16 where the CPU computes it natively, the vision tower in
+# float32 where bfloat16 matmuls are no faster (loader.explain_vision_dtype); it is timed on the whole job
+# only (its decode is the bf16 row's). "fp32, bf16 file" is float32 arithmetic on a bfloat16 checkpoint (the
+# hub's; --dtype auto on a CPU without native bfloat16): qwenvl keeps the file's weights and computes on
+# their exact upcast; llama.cpp's nearest is its bf16 GGUF (the same bytes; it rounds the activations to
+# bfloat16).
 PRECISIONS = [
-    ("fp32", "float32", None, "f32", "f32"),
-    ("bf16", "bfloat16", None, "bf16", "bf16"),
-    ("auto", "auto", None, "bf16", "bf16"),
-    ("8-bit", "auto", "int8", "Q8_0", "bf16"),
-    ("4-bit", "auto", "int4", "Q4_K_M", "bf16"),
+    ("fp32", "float32", None, "f32", "f32", "float32"),
+    ("bf16", "bfloat16", None, "bf16", "bf16", "float32"),
+    ("fp32, bf16 file", "float32", None, "bf16", "bf16", "bfloat16"),
+    ("auto", "auto", None, "bf16", "bf16", "float32"),
+    ("auto, bf16 file", "auto", None, "bf16", "bf16", "bfloat16"),
+    ("8-bit", "auto", "int8", "Q8_0", "bf16", "float32"),
+    ("4-bit", "auto", "int4", "Q4_K_M", "bf16", "float32"),
 ]
 
 # Qwen's tokenizer is BPE: the converter tries a sentencepiece vocabulary first and falls back to BPE when
@@ -190,16 +195,19 @@ def main() -> None:
     work = args.work.expanduser() / args.preset
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "ckpt"
-    if not (ckpt / "config.json").exists():
-        preset = PRESETS[args.preset]
-        make_checkpoint(ckpt, text=preset["text"], vision=preset["vision"], tied=preset["tied"], dtype="float32")
+    # the same random weights (one seed) as float32 and as bfloat16 files: GGUFs come from the float32 one
+    files = {"float32": ckpt, "bfloat16": work / "ckpt-bf16"}
+    for dtype, path in files.items():
+        if not (path / "config.json").exists():
+            preset = PRESETS[args.preset]
+            make_checkpoint(path, text=preset["text"], vision=preset["vision"], tied=preset["tied"], dtype=dtype)
     ggufs = Gguf(llama, ckpt, work)
     precisions = [p for p in PRECISIONS if p[2] is None or p[2] in QUANTIZATIONS]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; llama.cpp {llama}; preset {args.preset}")
     if args.only != "whole":
-        decode(args, llama, ckpt, ggufs, [p for p in precisions if p[0] != "auto"])
+        decode(args, llama, files, ggufs, [p for p in precisions if not p[0].startswith("auto")])
     if args.only != "decode":
-        whole(args, llama, ckpt, ggufs, precisions)
+        whole(args, llama, files, ggufs, precisions)
 
 
 @contextmanager
@@ -213,18 +221,19 @@ def torch_kernels():
         native.status = saved
 
 
-def decode(args, llama: Path, ckpt: Path, ggufs: Gguf, precisions) -> None:
+def decode(args, llama: Path, files: dict[str, Path], ggufs: Gguf, precisions) -> None:
     width, height = map(int, args.decode_image.split("x"))
     _, vis, ids = image_prompt(width, height)
-    checkpoint = open_checkpoint(ckpt)
+    checkpoints = {dtype: open_checkpoint(path) for dtype, path in files.items()}
     kinds = {"qwenvl": nullcontext}
     if args.torch_kernels:
         kinds["qwenvl, torch kernels"] = torch_kernels
     models = {}
     for who, context in kinds.items():
         with context():
-            for label, dtype, q, _, _ in precisions:
-                models[label, who] = load_model(checkpoint, "cpu", resolve_dtype(dtype, torch.device("cpu")), quantize=q)
+            for label, dtype, q, _, _, file in precisions:
+                models[label, who] = load_model(checkpoints[file], "cpu", resolve_dtype(dtype, torch.device("cpu")),
+                                                quantize=q)
     bandwidth = read_bandwidth()
     best: dict[tuple[str, str], float] = {}  # (label, qwenvl kind) -> tokens/s
     llama_best_run: dict[str, tuple[float, str]] = {}  # label -> (tokens/s, llama.cpp's repack setting)
@@ -238,7 +247,7 @@ def decode(args, llama: Path, ckpt: Path, ggufs: Gguf, precisions) -> None:
             with kinds[who]():
                 ours_decode(model, ids, vis, 2)  # warm-up: kernels built, weights faulted in
         for r in range(args.rounds):
-            for label, _, _, gtype, _ in precisions:
+            for label, _, _, gtype, _, _ in precisions:
                 runs = [(who, functools.partial(ours, label, who)) for who in kinds]
                 for who, rate in runs:
                     best[(label, who)] = max(best.get((label, who), 0.0), rate())
@@ -248,16 +257,16 @@ def decode(args, llama: Path, ckpt: Path, ggufs: Gguf, precisions) -> None:
     print(f"\ndecode after a {len(ids)}-token image prompt, {args.new_tokens} tokens, tokens/s (best of "
           f"{args.rounds}); streaming read {bandwidth:.1f} GB/s; qwenvl on {native.status().reason}")
     extra = f" {'torch kernels':>14s} {'t / l':>6s}" if args.torch_kernels else ""
-    print(f"{'precision':13s} {'qwenvl':>7s} {'llama.cpp':>10s} {'q / l':>6s}{extra} {'qwenvl MB/token':>16s} "
+    print(f"{'precision':23s} {'qwenvl':>7s} {'llama.cpp':>10s} {'q / l':>6s}{extra} {'qwenvl MB/token':>16s} "
           f"{'% of read':>10s}")
-    for label, _, _, gtype, _ in precisions:
+    for label, _, _, gtype, _, _ in precisions:
         q, theirs = best[(label, "qwenvl")], llama_best_run[label][0]
         mb = step_bytes(models[label, "qwenvl"]) / 1e6
         extra = ""
         if args.torch_kernels:
             t = best[(label, "qwenvl, torch kernels")]
             extra = f" {t:14.1f} {t / theirs:5.2f}x"
-        print(f"{label:6s}/{gtype:6s} {q:7.1f} {theirs:10.1f} {q / theirs:5.2f}x{extra} {mb:16.0f} "
+        print(f"{label + ' / ' + gtype:23s} {q:7.1f} {theirs:10.1f} {q / theirs:5.2f}x{extra} {mb:16.0f} "
               f"{mb / 1e3 * q / bandwidth:9.0%}  (llama.cpp {llama_best_run[label][1]})")
     report_crashes()
 
@@ -267,33 +276,36 @@ def report_crashes() -> None:
         print(f"llama.cpp crashed: {tool} {flags or '(repack on)'} on {name} (its other setting timed)")
 
 
-def whole(args, llama: Path, ckpt: Path, ggufs: Gguf, precisions) -> None:
+def whole(args, llama: Path, files: dict[str, Path], ggufs: Gguf, precisions) -> None:
     import numpy as np
     from PIL import Image
 
     width, height = map(int, args.image.split("x"))
-    image = ckpt.parent / f"image-{width}x{height}.png"
+    image = files["float32"].parent / f"image-{width}x{height}.png"
     if not image.exists():
         pixels = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(image)
-    best: dict[tuple[str, str], tuple[float, str]] = {}
+    best: dict[tuple, tuple[float, str]] = {}  # (label, "qwenvl") or ((gtype, mtype), "llama.cpp") -> best
 
     def keep(key, result):
         if key not in best or result[0] < best[key][0]:
             best[key] = result
 
     for r in range(args.rounds):
-        for label, dtype, q, gtype, mtype in precisions:
-            keep((label, "qwenvl"), whole_ours(ckpt, image, dtype, q, args.new_tokens))
-            keep((label, "llama.cpp"), whole_llama(llama, ggufs.text(gtype), ggufs.mmproj(mtype), image,
-                                                   args.new_tokens))
+        timed = set()  # llama.cpp's job once a round per pair of GGUF types
+        for label, dtype, q, gtype, mtype, file in precisions:
+            keep((label, "qwenvl"), whole_ours(files[file], image, dtype, q, args.new_tokens))
+            if (gtype, mtype) not in timed:
+                timed.add((gtype, mtype))
+                keep(((gtype, mtype), "llama.cpp"), whole_llama(llama, ggufs.text(gtype), ggufs.mmproj(mtype), image,
+                                                                args.new_tokens))
         print(f"  whole-job round {r + 1}/{args.rounds} done", file=sys.stderr)
     print(f"\nwhole describe job: one process, a {width}x{height} image, {args.new_tokens} tokens, seconds (best of "
           f"{args.rounds})")
-    print(f"{'precision':16s} {'qwenvl s':>9s} {'llama.cpp s':>12s} {'l / q':>7s}  details")
-    for label, _, _, gtype, mtype in precisions:
-        (ours, od), (theirs, td) = best[(label, "qwenvl")], best[(label, "llama.cpp")]
-        print(f"{label:5s} ({gtype}+{mtype}) {ours:8.1f} {theirs:12.1f} {theirs / ours:6.2f}x  qwenvl: {od}; "
+    print(f"{'precision':30s} {'qwenvl s':>9s} {'llama.cpp s':>12s} {'l / q':>7s}  details")
+    for label, _, _, gtype, mtype, _ in precisions:
+        (ours, od), (theirs, td) = best[(label, "qwenvl")], best[((gtype, mtype), "llama.cpp")]
+        print(f"{label + f' ({gtype}+{mtype})':30s} {ours:8.1f} {theirs:12.1f} {theirs / ours:6.2f}x  qwenvl: {od}; "
               f"llama.cpp: {td}")
     report_crashes()
 

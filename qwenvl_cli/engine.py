@@ -18,7 +18,8 @@ from qwenvl_cli.generate import Generator, SamplingParams, Step
 from qwenvl_cli.hub import resolve_model
 from qwenvl_cli.media.frames import ProcessedVideo
 from qwenvl_cli.media.image import ProcessedImage
-from qwenvl_cli.model.loader import Checkpoint, explain_dtype, explain_vision_dtype, load_model, open_checkpoint
+from qwenvl_cli.model.loader import (Checkpoint, explain_dtype, explain_vision_dtype, load_model, narrow_weights,
+                                     open_checkpoint)
 from qwenvl_cli.model.qwen2_5_vl import Prompt, Qwen2_5_VL, VisionInput
 from qwenvl_cli.prompts import DEFAULT_SYSTEM, ImagePart, TextPart, VideoPart, build_chat_ids
 from qwenvl_cli.tokenizer import StreamDecoder, Tokenizer
@@ -86,7 +87,12 @@ class Engine:
         tokenizer = Tokenizer.from_dir(path)
         vision_dtype, vision_reason = explain_vision_dtype(dtype, dev, torch_dtype)
         model = load_model(ckpt, dev, torch_dtype, quantize=quantize, vision_dtype=vision_dtype)
-        return cls(model_ref, ckpt, model, tokenizer, reason + (f"; {vision_reason}" if vision_reason else ""))
+        if vision_reason:
+            reason += f"; {vision_reason}"
+        narrow = narrow_weights(model)
+        if narrow is not None:
+            reason += f"; decoder weights kept in the checkpoint's {str(narrow).removeprefix('torch.')}, float32 arithmetic"
+        return cls(model_ref, ckpt, model, tokenizer, reason)
 
     @property
     def preprocessor(self):

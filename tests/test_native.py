@@ -77,6 +77,37 @@ def test_bfloat16_gemv_is_the_float32_sum_rounded_once(kernels, n, k, bias):
 
 @pytest.mark.parametrize("n, k", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
+def test_bfloat16_weights_under_float32_activations_are_their_exact_upcast(kernels, n, k, bias):
+    """A float32 model on a bfloat16 checkpoint keeps the weights in bfloat16: the product is that of their
+    float32 upcast within float32 summation error, and on activations and bias that bfloat16 holds exactly
+    it is the bfloat16 kernel's float32 sum (same order, same bits) before that kernel's one rounding."""
+    g = torch.Generator().manual_seed(n * 1000 + k + 2)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    x, b = torch.randn(k, generator=g), torch.randn(n, generator=g)
+    got = kernels.gemv(w, x, b if bias else None)
+    assert got.dtype == torch.float32 and got.shape == (n,)
+    want = w.double() @ x.double() + (b.double() if bias else 0)
+    bound = 4 * k * 2**-24 * (w.double().abs() @ x.double().abs() + (b.double().abs() if bias else 0))
+    assert ((got.double() - want).abs() <= bound + 1e-30).all()
+    xb, bb = x.bfloat16(), b.bfloat16()
+    widened = kernels.gemv(w, xb.float(), bb.float() if bias else None)
+    narrow = kernels.gemv(w, xb, bb if bias else None)
+    if kernels.bf16_set == "avx2":  # AVX512-BF16 pairs (vdpbf16ps) sum otherwise
+        assert torch.equal(widened.bfloat16(), narrow)
+
+
+def test_mixed_gemv_refuses_what_it_does_not_take(kernels):
+    w = torch.randn(8, 16).bfloat16()
+    with pytest.raises(ValueError):
+        kernels.gemv(w, torch.randn(16).half(), None)  # float16 activations
+    with pytest.raises(ValueError):
+        kernels.gemv(w, torch.randn(16), torch.randn(8).bfloat16())  # a bias not in the activations' dtype
+    with pytest.raises(ValueError):
+        kernels.gemv(w.float(), torch.randn(16).bfloat16(), None)  # float32 weights under bfloat16
+
+
+@pytest.mark.parametrize("n, k", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
 def test_int8_gemv_applies_row_scales_and_bias_in_float32(kernels, n, k, bias):
     """The product of its activations (float32 on AVX-512, quantized_activations on AVX2) with the int8
     rows, scaled per row, within float32 summation error; activations spread over 2^-6..2^6 so that a group

@@ -166,3 +166,44 @@ def test_bfloat16_engine_stays_close_to_float32(setup, make_ckpt):
     cos = torch.nn.functional.cosine_similarity(full, half, dim=0)
     assert cos > 0.99
     assert Generator(bf16).stream(prompt, SamplingParams(max_new_tokens=2)).__next__().token_id >= 0
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_float32_on_a_bfloat16_checkpoint_matches_transformers(make_ckpt, decode_kernels, tied):
+    """The hub's checkpoints are bfloat16: in float32 with the native kernels the decoder keeps the file's
+    weights (half the bytes a step reads) and computes on their exact upcast, as transformers does on its
+    float32 copy: logits within 1e-4, 32 greedy tokens identical; a tied head (the 3B's) reads the same
+    table as the lookups. With torch's kernels the weights are cast at load as before."""
+    from qwenvl_cli.model.loader import narrow_weights
+    from qwenvl_cli.model.quant import MappedEmbedding, NativeLinear
+
+    path = make_ckpt(max_pixels=64 * 28 * 28, dtype="bfloat16", tied=tied)
+    ckpt = open_checkpoint(path)
+    model = load_model(ckpt)
+    engine = Engine("tiny", ckpt, model, Tokenizer.from_dir(path))
+    native = decode_kernels == "native"
+    assert narrow_weights(model) == (torch.bfloat16 if native else None)
+    assert model.dtype == torch.float32 and model.model.norm.weight.dtype == torch.float32
+    if native:
+        assert isinstance(model.lm_head, NativeLinear) and model.lm_head.weight.dtype == torch.bfloat16
+        assert isinstance(model.model.embed_tokens, MappedEmbedding)
+        assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+        if tied:
+            assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    processor = reference_processor(path)
+    image = noise_image(451, 300, seed=3)
+    inputs = _reference_inputs(processor, [image], "Describe this image.")
+    prompt = engine.prompt([preprocess_image(image, engine.preprocessor), "Describe this image."])
+    ref = reference_model(path)
+    assert_same_as_reference(engine, ref, prompt, inputs, NEW_TOKENS)
+    # the decode steps' own logits (the products on the kept weights), not only the tokens they chose
+    steps, decode = [], engine.generator.decode_step
+    engine.generator.decode_step = lambda *args: steps.append(decode(*args)) or steps[-1]
+    list(engine.generator.stream(prompt, SamplingParams(max_new_tokens=8, repetition_penalty=1.0)))
+    with torch.inference_mode():
+        out = ref.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False, repetition_penalty=1.0,
+                           top_k=None, top_p=None, temperature=None, output_logits=True,
+                           return_dict_in_generate=True)
+    assert len(steps) == 7
+    for i, logits in enumerate(steps):
+        torch.testing.assert_close(logits, out.logits[i + 1].float(), atol=1e-4, rtol=0)

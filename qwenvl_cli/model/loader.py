@@ -330,6 +330,13 @@ def load_model(
     split_tied = (tied and pack and not quantize and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
                   and not native_head and onednn_packs(dtype))
     table: torch.Tensor | None = None
+    # A float32 model on a checkpoint's bfloat16 weights (the hub's) with the native kernels: the decoder's
+    # matrices and the embedding table stay the file's bytes, NativeLinear computing on their exact float32
+    # upcast and MappedEmbedding casting the rows it looks up. The same numbers as a float32 copy, without
+    # the copy (2x the file's bytes, written at load) and at half the bytes a decode step reads.
+    narrow_keys = set()
+    if kernels is not None and dtype == torch.float32 and not quantize and kernels.supports(torch.bfloat16):
+        narrow_keys = {name + ".weight" for name in decoder_linear_names(model)} | {table_key}
     expected = {name: p.shape for name, p in model.named_parameters()}
     if tied:
         expected.pop("lm_head.weight")
@@ -361,6 +368,8 @@ def load_model(
                         )
                     if split_tied and key == table_key:
                         table = tensor  # stays mapped, in the file's dtype: see TiedHead below
+                    elif key in narrow_keys and tensor.dtype == torch.bfloat16 and tensor.device == device:
+                        _assign(model, key, tensor)  # the mapped file bytes, computed on in float32
                     elif key in quantized:
                         with one_thread():
                             model.get_submodule(key.rpartition(".")[0]).set_weight(tensor.to(device))
@@ -401,6 +410,9 @@ def load_model(
         model.model.embed_tokens = MappedEmbedding(table, dtype)
     elif tied:
         model.lm_head.weight = model.model.embed_tokens.weight
+    embedding = model.model.embed_tokens
+    if isinstance(embedding, nn.Embedding) and embedding.weight.dtype != dtype:  # kept in the file's bfloat16
+        model.model.embed_tokens = MappedEmbedding(embedding.weight, dtype)
     if pack:
         fuse_projections(model, on_fused=drop_pages)
         fast = [name for name in decoder_linear_names(model) if name != "lm_head" or not tied or native_head]
@@ -411,6 +423,15 @@ def load_model(
             if hasattr(module, "upcast"):
                 module.upcast = True
     return model.eval().requires_grad_(False)
+
+
+def narrow_weights(model: Qwen2_5_VL) -> torch.dtype | None:
+    """The dtype the decoder's weights kept from the checkpoint where it is narrower than the model's (a
+    float32 model on bfloat16 weights: load_model), else None."""
+    head = model.lm_head.weight if hasattr(model.lm_head, "weight") else None
+    if head is not None and head.dtype != model.dtype and head.is_floating_point():
+        return head.dtype
+    return None
 
 
 def drop_pages(tensor: torch.Tensor) -> None:

@@ -80,39 +80,49 @@ class PackedLinear(nn.Module):
 class NativeLinear(nn.Module):
     """A float linear on CPU keeping the weight # (N, K) as loaded (a checkpoint tensor in the model's dtype
     stays the file's mapped bytes: no copy, no repacking): one-row inputs, the decode step, go through the
-    native matrix-vector kernel, any other through F.linear, which is also its oracle."""
+    native matrix-vector kernel, any other through F.linear, which is also its oracle.
+
+    `dtype`, the activations' (default: the weight's), may be float32 over a bfloat16 weight: a float32
+    model on a bfloat16 checkpoint keeps the file's weights (loader.load_model), every product that of their
+    exact float32 upcast (F.linear on `weight.float()`, the oracle), half the bytes a decode step reads."""
 
     upcast = False  # long bfloat16 inputs as float32 GEMMs (loader.load_model's upcast_prefill)
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels: native.Kernels) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels: native.Kernels,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        dtype = dtype or weight.dtype
+        if dtype != weight.dtype and (weight.dtype, dtype) != (torch.bfloat16, torch.float32):
+            raise ValueError(f"{dtype} activations over {weight.dtype} weights")
         self.out_features, self.in_features = weight.shape
+        self.dtype = dtype
         self.weight = nn.Parameter(weight.detach().contiguous(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.kernels = kernels
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, kernels: native.Kernels) -> NativeLinear:
-        return cls(linear.weight, linear.bias, kernels)
+    def from_linear(cls, linear: nn.Module, kernels: native.Kernels, dtype: torch.dtype | None = None) -> NativeLinear:
+        return cls(linear.weight, linear.bias, kernels, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
-        if x.numel() != self.in_features or x.dtype != self.weight.dtype:
-            if upcasts(self, x):
-                return upcast_linear(x, self.weight, self.bias)
-            return F.linear(x, self.weight, self.bias)
-        y = self.kernels.gemv(self.weight, x.reshape(-1).contiguous(), self.bias)
-        return y.view(*x.shape[:-1], self.out_features)
+        if x.numel() == self.in_features and x.dtype == self.dtype:
+            y = self.kernels.gemv(self.weight, x.reshape(-1).contiguous(), self.bias)
+            return y.view(*x.shape[:-1], self.out_features)
+        if x.dtype != self.weight.dtype or upcasts(self, x):
+            return upcast_linear(x, self.weight, self.bias)  # float32 on the weight's exact upcast
+        return F.linear(x, self.weight, self.bias)
 
     def decode_call(self, x: torch.Tensor, y: torch.Tensor):
         """forward's one-row product bound to x # (K,) and y # (N,) (model/native_step.py), or None where x
-        is not in the weight's dtype."""
-        return self.kernels.bind_gemv(self.weight, self.bias, x, y) if x.dtype == self.weight.dtype else None
+        is not in the activations' dtype."""
+        return self.kernels.bind_gemv(self.weight, self.bias, x, y) if x.dtype == self.dtype else None
 
     def dense_weight(self) -> torch.Tensor:  # (N, K), the weight itself
         return self.weight
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
 
 
 class TiedHead(nn.Module):
@@ -367,7 +377,7 @@ def pack_linears(model: nn.Module, names: list[str], on_packed=None) -> None:
             if w is None or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
                 continue
             if kernels is not None and kernels.supports(w.dtype):
-                replace_module(model, name, NativeLinear.from_linear(module, kernels))
+                replace_module(model, name, NativeLinear.from_linear(module, kernels, model.dtype))
             elif onednn_packs(w.dtype):
                 replace_module(model, name, PackedLinear.from_linear(module))
                 if on_packed is not None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 SOURCES = tuple(sorted(Path(__file__).parent.glob("*.[ch]")))  # compiled together into one library
-ABI = 4  # qv_abi() of the sources above; a library answering otherwise is rebuilt
+ABI = 5  # qv_abi() of the sources above; a library answering otherwise is rebuilt
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11")
 LIBS = ("-lm",)
 # The instruction sets, best first: what each needs of the CPU for its float32, int8 and attention loops.
@@ -55,7 +55,7 @@ class Kernels:
     def __init__(self, lib: ctypes.CDLL, isa: str, flags: set[str]) -> None:
         """The loops of instruction set `isa` (a key of SETS) for a CPU with `flags`."""
         self.isa = isa
-        bf16_set = "avx512" if isa == "avx512" and "avx512_bf16" in flags else "avx2"
+        self.bf16_set = bf16_set = "avx512" if isa == "avx512" and "avx512_bf16" in flags else "avx2"
         int4 = isa == "avx2" or {"avx512vbmi", "avx512_vnni"} <= flags
         # rows per block of the int4 pack the kernel reads: torch's for this set (model/int4.py), or None
         self.int4_rows = (64 if isa == "avx512" else 32) if int4 else None
@@ -63,10 +63,12 @@ class Kernels:
         self._bf16 = getattr(lib, f"qv_gemv_bf16_{bf16_set}")
         self._int8 = getattr(lib, f"qv_gemv_int8_{isa}")
         self._int4 = getattr(lib, f"qv_gemv_int4_{isa}")
-        for fn, args in ((self._f32, 6), (self._bf16, 6), (self._int8, 7)):
+        # bfloat16 weights under float32 activations (a float32 model on a bfloat16 checkpoint): AVX2's loop
+        self._bf16w = lib.qv_gemv_bf16w_f32_avx2
+        for fn, args in ((self._f32, 6), (self._bf16, 6), (self._bf16w, 6), (self._int8, 7)):
             fn.argtypes = [_P] * (args - 2) + [_I, _I]
-            fn.restype = None
-        self._int8.restype = _I
+            fn.restype = _I
+        self._f32.restype = None
         # the int8 loops' activations: float32 (AVX-512), or int16 in groups of this many (AVX2; gemv.c)
         self.int8_group = 128 if isa == "avx2" else None
         self._int4.argtypes = [_P] * 5 + [_I, _I, _I]
@@ -110,9 +112,11 @@ class Kernels:
         return dtype in (torch.float32, torch.bfloat16)  # bfloat16: AVX512-BF16's pairs, or AVX2's widening
 
     def gemv(self, weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """weight # (N, K), x # (K,), bias # (N,) or None, all float32 or all bfloat16 -> (N,)."""
-        y = torch.empty(weight.shape[0], dtype=weight.dtype)
-        self.bind_gemv(weight, bias, x, y)()
+        """weight # (N, K), x # (K,), bias # (N,) or None: all float32, all bfloat16, or a bfloat16 weight
+        under float32 x and bias -> (N,) in x's dtype."""
+        y = torch.empty(weight.shape[0], dtype=x.dtype)
+        if self.bind_gemv(weight, bias, x, y)() == 0:
+            raise MemoryError("the native product found no memory")
         return y
 
     # ---- bound calls: each bind_* checks its tensors once and answers a call of no arguments that reads x
@@ -120,11 +124,14 @@ class Kernels:
     # (out of memory), others None or 1. model/native_step.py strings them into a decode step.
 
     def bind_gemv(self, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor):
-        """`gemv` into y."""
+        """`gemv` into y (x's dtype)."""
         n, k = weight.shape
-        _expect("gemv", [(weight, (n, k)), (x, (k,)), (y, (n,))] + [(bias, (n,))] * (bias is not None),
-                weight.dtype)
-        fn = self._f32 if weight.dtype == torch.float32 else self._bf16
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"gemv: {x.dtype} activations (float32 or bfloat16 go)")
+        widen = weight.dtype == torch.bfloat16 and x.dtype == torch.float32
+        _expect("gemv", [(weight, (n, k))], torch.bfloat16 if widen else x.dtype)
+        _expect("gemv", [(x, (k,)), (y, (n,))] + [(bias, (n,))] * (bias is not None), x.dtype)
+        fn = self._bf16w if widen else self._f32 if x.dtype == torch.float32 else self._bf16
         return functools.partial(fn, weight.data_ptr(), x.data_ptr(), _ptr(bias), y.data_ptr(), n, k)
 
     def gemv_int8(self, weight: torch.Tensor, scales: torch.Tensor, x: torch.Tensor,

@@ -103,8 +103,23 @@ AVX2_TARGET static inline __m256 bf16_hi(__m256i v) {
     return _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), v));
 }
 
-AVX2_TARGET static inline __m256 bf16_dot16(__m256i w, __m256i x, __m256 acc) {
-    return _mm256_fmadd_ps(bf16_hi(w), bf16_hi(x), _mm256_fmadd_ps(bf16_lo(w), bf16_lo(x), acc));
+/* The activations widened once a call (gemv.c: widen_x): xw # (K rounded up to 16,) float32, zero-padded,
+ * each 16 in the order the weights widen in (bf16_lo, bf16_hi: 0-3 8-11, then 4-7 12-15), so that the
+ * loops load them as they are. Bfloat16 activations (a bfloat16 model) and float32 ones (a float32 model on
+ * a bfloat16 checkpoint's weights, their exact upcast) take the same loops. */
+
+/* 16 weights (zero-padded past `left`) times their 16 widened activations, added to acc. */
+AVX2_TARGET static inline __m256 bf16w_dot16(const uint16_t *w, int64_t left, const float *xw, __m256 acc) {
+    __m256i v;
+    if (left >= 16) {
+        v = _mm256_loadu_si256((const __m256i *)w);
+    } else {
+        uint16_t wt[16] = {0};
+        memcpy(wt, w, (size_t)left * 2);
+        v = _mm256_loadu_si256((const __m256i *)wt);
+    }
+    acc = _mm256_fmadd_ps(bf16_lo(v), _mm256_loadu_ps(xw), acc);
+    return _mm256_fmadd_ps(bf16_hi(v), _mm256_loadu_ps(xw + 8), acc);
 }
 
 /* Rows of up to BF16_ROW_MAX one after another (as f32_rows_avx2), each prefetched 256 bytes ahead along
@@ -112,7 +127,7 @@ AVX2_TARGET static inline __m256 bf16_dot16(__m256i w, __m256i x, __m256 acc) {
  * next_block; without the prefetch 24-26; longer rows do better in blocks: 2048-wide 30 against 28). */
 #define BF16_ROW_MAX 512
 
-AVX2_TARGET static void bf16_rows_avx2(const uint16_t *w, const uint16_t *x, int64_t k, int rows, float *sums) {
+AVX2_TARGET static void bf16_rows_avx2(const uint16_t *w, const float *xw, int64_t k, int rows, float *sums) {
     int64_t full = k / 32 * 32;
     for (int r = 0; r < rows; r++) {
         const uint16_t *row = w + r * k;
@@ -121,27 +136,19 @@ AVX2_TARGET static void bf16_rows_avx2(const uint16_t *w, const uint16_t *x, int
             prefetch_row(row + i, 256);
             __m256i a = _mm256_loadu_si256((const __m256i *)(row + i));
             __m256i b = _mm256_loadu_si256((const __m256i *)(row + i + 16));
-            __m256i xa = _mm256_loadu_si256((const __m256i *)(x + i));
-            __m256i xb = _mm256_loadu_si256((const __m256i *)(x + i + 16));
-            a0 = _mm256_fmadd_ps(bf16_lo(a), bf16_lo(xa), a0);
-            a1 = _mm256_fmadd_ps(bf16_hi(a), bf16_hi(xa), a1);
-            a2 = _mm256_fmadd_ps(bf16_lo(b), bf16_lo(xb), a2);
-            a3 = _mm256_fmadd_ps(bf16_hi(b), bf16_hi(xb), a3);
+            a0 = _mm256_fmadd_ps(bf16_lo(a), _mm256_loadu_ps(xw + i), a0);
+            a1 = _mm256_fmadd_ps(bf16_hi(a), _mm256_loadu_ps(xw + i + 8), a1);
+            a2 = _mm256_fmadd_ps(bf16_lo(b), _mm256_loadu_ps(xw + i + 16), a2);
+            a3 = _mm256_fmadd_ps(bf16_hi(b), _mm256_loadu_ps(xw + i + 24), a3);
         }
-        for (int64_t i = full; i < k; i += 16) { /* the last < 32: zero-padded copies of 16 */
-            int64_t left = k - i < 16 ? k - i : 16;
-            uint16_t xt[16] = {0}, wt[16] = {0};
-            memcpy(xt, x + i, (size_t)left * 2);
-            memcpy(wt, row + i, (size_t)left * 2);
-            a0 = bf16_dot16(_mm256_loadu_si256((const __m256i *)wt), _mm256_loadu_si256((const __m256i *)xt), a0);
-        }
+        for (int64_t i = full; i < k; i += 16) a0 = bf16w_dot16(row + i, k - i, xw + i, a0); /* the last < 32 */
         sums[r] = sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     }
 }
 
-AVX2_TARGET void bf16_block_avx2(const uint16_t *w, const uint16_t *x, int64_t k, int rows, float *sums) {
+AVX2_TARGET void bf16_block_avx2(const uint16_t *w, const float *xw, int64_t k, int rows, float *sums) {
     if (k <= BF16_ROW_MAX) {
-        bf16_rows_avx2(w, x, k, rows, sums);
+        bf16_rows_avx2(w, xw, k, rows, sums);
         return;
     }
     int64_t ahead = next_block(k * 2);
@@ -150,9 +157,8 @@ AVX2_TARGET void bf16_block_avx2(const uint16_t *w, const uint16_t *x, int64_t k
     int64_t full = k / 32 * 32;
     if (rows == ROWS) {
         for (int64_t i = 0; i < full; i += 32) {
-            __m256i xa = _mm256_loadu_si256((const __m256i *)(x + i));
-            __m256i xb = _mm256_loadu_si256((const __m256i *)(x + i + 16));
-            __m256 x0 = bf16_lo(xa), x1 = bf16_hi(xa), x2 = bf16_lo(xb), x3 = bf16_hi(xb);
+            __m256 x0 = _mm256_loadu_ps(xw + i), x1 = _mm256_loadu_ps(xw + i + 8);
+            __m256 x2 = _mm256_loadu_ps(xw + i + 16), x3 = _mm256_loadu_ps(xw + i + 24);
             for (int r = 0; r < ROWS; r++) {
                 const uint16_t *row = w + r * k + i;
                 prefetch_row(row, ahead);
@@ -166,20 +172,10 @@ AVX2_TARGET void bf16_block_avx2(const uint16_t *w, const uint16_t *x, int64_t k
         }
     } else {
         for (int r = 0; r < rows; r++)
-            for (int64_t i = 0; i < full; i += 16)
-                acc[r] = bf16_dot16(_mm256_loadu_si256((const __m256i *)(w + r * k + i)),
-                                    _mm256_loadu_si256((const __m256i *)(x + i)), acc[r]);
+            for (int64_t i = 0; i < full; i += 16) acc[r] = bf16w_dot16(w + r * k + i, 16, xw + i, acc[r]);
     }
-    for (int64_t i = full; i < k; i += 16) { /* the last < 32: zero-padded copies of 16 */
-        int64_t left = k - i < 16 ? k - i : 16;
-        uint16_t xt[16] = {0}, wt[16] = {0};
-        memcpy(xt, x + i, (size_t)left * 2);
-        __m256i xv = _mm256_loadu_si256((const __m256i *)xt);
-        for (int r = 0; r < rows; r++) {
-            memcpy(wt, w + r * k + i, (size_t)left * 2);
-            acc[r] = bf16_dot16(_mm256_loadu_si256((const __m256i *)wt), xv, acc[r]);
-        }
-    }
+    for (int64_t i = full; i < k; i += 16) /* the last < 32 */
+        for (int r = 0; r < rows; r++) acc[r] = bf16w_dot16(w + r * k + i, k - i, xw + i, acc[r]);
     for (int r = 0; r < rows; r++) sums[r] = sum8(acc[r]);
 }
 

@@ -74,7 +74,10 @@ INTERNAL void f32_block_avx512(const float *w, const float *x, int64_t k, int ro
 INTERNAL void bf16_block_avx512(const uint16_t *w, const uint16_t *x, int64_t k, int rows, float *sums);
 INTERNAL void int8_block_avx512(const int8_t *w, const float *x, int64_t k, int rows, float *sums);
 INTERNAL void f32_block_avx2(const float *w, const float *x, int64_t k, int rows, float *sums);
-INTERNAL void bf16_block_avx2(const uint16_t *w, const uint16_t *x, int64_t k, int rows, float *sums);
+/* bfloat16 weights on activations widened once a call (gemv.c: widen_x; AVX2, for bfloat16 and float32
+ * activations alike) */
+typedef void (*bf16w_block_fn)(const uint16_t *w, const float *xw, int64_t k, int rows, float *sums);
+INTERNAL void bf16_block_avx2(const uint16_t *w, const float *xw, int64_t k, int rows, float *sums);
 INTERNAL void int8_block_avx2(const int8_t *w, const int16_t *xq, const float *xs, int64_t k, int rows,
                               float *sums);
 

@@ -20,7 +20,7 @@
 
 #include "common.h"
 
-int qv_abi(void) { return 4; }
+int qv_abi(void) { return 5; }
 
 /* One product: its set's block loop, its tensors, and what the activations became (int16 groups: xq, xs,
  * xsum; see quantize_x). Each kind's *_rows computes rows [n0, n0 + rows) of y from it. */
@@ -28,6 +28,7 @@ typedef struct {
     union {
         f32_block_fn f32;
         bf16_block_fn bf16;
+        bf16w_block_fn bf16w;
         int8_block_fn int8;
         int8q_block_fn int8q;
         int4_block_fn int4;
@@ -37,6 +38,7 @@ typedef struct {
     void *y;
     const int16_t *xq;
     const float *xs, *xsum;
+    const float *xw; /* bf16w: x widened (widen_x) */
     int64_t n, k, group;
 } product;
 
@@ -68,6 +70,47 @@ static void bf16_rows(const product *p, int64_t n0, int rows) {
     float sums[ROWS];
     p->block.bf16((const uint16_t *)p->w + n0 * p->k, p->x, p->k, rows, sums);
     for (int r = 0; r < rows; r++) y[n0 + r] = f32_to_bf16(bias ? sums[r] + bf16_to_f32(bias[n0 + r]) : sums[r]);
+}
+
+/* x # (K,) bfloat16 (from_bf16) or float32 -> # (K rounded up to 16,) float32 in bf16_block_avx2's order
+ * (each 16: 0-3 8-11 4-7 12-15), zero-padded; exact. NULL when out of memory (free it after). */
+static float *widen_x(const void *x, int from_bf16, int64_t k) {
+    static const int ORDER[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+    int64_t padded = (k + 15) / 16 * 16;
+    float *xw = (float *)calloc((size_t)padded, sizeof(float));
+    if (!xw) return NULL;
+    for (int64_t g = 0; g < padded; g += 16)
+        for (int j = 0; j < 16; j++) {
+            int64_t i = g + ORDER[j];
+            if (i < k) xw[g + j] = from_bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+        }
+    return xw;
+}
+
+static void bf16w_rows(const product *p, int64_t n0, int rows) { /* bfloat16 out */
+    const uint16_t *bias = p->bias;
+    uint16_t *y = p->y;
+    float sums[ROWS];
+    p->block.bf16w((const uint16_t *)p->w + n0 * p->k, p->xw, p->k, rows, sums);
+    for (int r = 0; r < rows; r++) y[n0 + r] = f32_to_bf16(bias ? sums[r] + bf16_to_f32(bias[n0 + r]) : sums[r]);
+}
+
+static void bf16w_f32_rows(const product *p, int64_t n0, int rows) { /* float32 out, float32 bias */
+    const float *bias = p->bias;
+    float *y = p->y, sums[ROWS];
+    p->block.bf16w((const uint16_t *)p->w + n0 * p->k, p->xw, p->k, rows, sums);
+    for (int r = 0; r < rows; r++) y[n0 + r] = bias ? sums[r] + bias[n0 + r] : sums[r];
+}
+
+/* The bfloat16 weights' AVX2 products on widened activations; 0 (nothing written) when out of memory. */
+static int64_t gemv_bf16w(rows_fn rows_of, int from_bf16, const uint16_t *w, const void *x, const void *bias,
+                          void *y, int64_t n, int64_t k) {
+    float *xw = widen_x(x, from_bf16, k);
+    if (!xw) return 0;
+    for_rows(rows_of, &(product){.block.bf16w = bf16_block_avx2, .w = w, .x = x, .xw = xw, .bias = bias, .y = y,
+                                 .n = n, .k = k});
+    free(xw);
+    return 1;
 }
 
 /* rows of int8 products: y = sums * scale (+ bias) */
@@ -170,14 +213,23 @@ void qv_gemv_f32_avx2(const float *w, const float *x, const float *bias, float *
     for_rows(f32_rows, &(product){.block.f32 = f32_block_avx2, .w = w, .x = x, .bias = bias, .y = y, .n = n, .k = k});
 }
 
-void qv_gemv_bf16_avx512(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y, int64_t n,
-                         int64_t k) {
+/* The bfloat16 products answer 0 (nothing written) when out of memory, else 1. */
+int64_t qv_gemv_bf16_avx512(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y, int64_t n,
+                            int64_t k) {
     for_rows(bf16_rows, &(product){.block.bf16 = bf16_block_avx512, .w = w, .x = x, .bias = bias, .y = y, .n = n, .k = k});
+    return 1;
 }
 
-void qv_gemv_bf16_avx2(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y, int64_t n,
-                       int64_t k) {
-    for_rows(bf16_rows, &(product){.block.bf16 = bf16_block_avx2, .w = w, .x = x, .bias = bias, .y = y, .n = n, .k = k});
+int64_t qv_gemv_bf16_avx2(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y, int64_t n,
+                          int64_t k) {
+    return gemv_bf16w(bf16w_rows, 1, w, x, bias, y, n, k);
+}
+
+/* bfloat16 weights, float32 activations, bias and output (a float32 model on a bfloat16 checkpoint's
+ * weights): the products of their exact float32 upcast, summed as qv_gemv_bf16_avx2 sums. AVX2, on every
+ * CPU the library serves. */
+int64_t qv_gemv_bf16w_f32_avx2(const uint16_t *w, const float *x, const float *bias, float *y, int64_t n, int64_t k) {
+    return gemv_bf16w(bf16w_f32_rows, 0, w, x, bias, y, n, k);
 }
 
 int64_t qv_gemv_int8_avx512(const int8_t *w, const uint16_t *scales, const float *x, const float *bias, float *y,
