@@ -91,7 +91,8 @@ class Engine:
             reason += f"; {vision_reason}"
         narrow = narrow_weights(model)
         if narrow is not None:
-            reason += f"; decoder weights kept in the checkpoint's {str(narrow).removeprefix('torch.')}, float32 arithmetic"
+            kept = str(narrow).removeprefix("torch.")
+            reason += f"; decoder weights kept in the checkpoint's {kept}, float32 arithmetic"
         return cls(model_ref, ckpt, model, tokenizer, reason)
 
     @property

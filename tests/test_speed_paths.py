@@ -232,6 +232,17 @@ def test_engine_load_quantized_answers(make_ckpt):
     assert answer.completion_tokens == 3
 
 
+def test_engine_says_when_float32_keeps_a_bfloat16_checkpoints_weights(make_ckpt, decode_kernels):
+    from qwenvl_cli.engine import Engine
+
+    path = str(make_ckpt(dtype="bfloat16"))
+    kept = "decoder weights kept in the checkpoint's bfloat16, float32 arithmetic"
+    engine = Engine.load(path, "cpu", "float32")
+    assert engine.dtype_reason == "float32 as asked" + (f"; {kept}" if decode_kernels == "native" else "")
+    assert Engine.load(path, "cpu", "bfloat16").dtype_reason == "bfloat16 as asked"
+    assert Engine.load(str(make_ckpt()), "cpu", "float32").dtype_reason == "float32 as asked"  # a float32 file
+
+
 def test_float16_on_cpu_stays_plain_linear(ckpt):
     """oneDNN's CPU float16 reorder needs AVX512-FP16/AVX-NE-CONVERT (not on Zen 4): float16 is never packed."""
     half = load_model(ckpt, "cpu", torch.float16)

@@ -301,6 +301,8 @@ def load_model(
     untied LM head, quantized tensor by tensor as read (everything else in `dtype`); a tied head, the
     embedding table too, is quantized once after loading and serves the lookups from its own rows.
     quant.quantized_linear says which matrices int4 takes (the others are int8).
+    A float32 model on a bfloat16 checkpoint with the native kernels keeps the decoder's matrices and the
+    embedding table in the file's bfloat16 (narrow_weights), computing on their exact float32 upcast.
     `pack` (default: on CPU) fuses each text layer's q/k/v and gate/up matrices and gives the decoder's
     float linears their decode form (quant.pack_linears: NativeLinear, else oneDNN's PackedLinear);
     pack=False keeps the checkpoint's plain nn.Linear modules (the slow oracle). `vision_dtype` (default:
