@@ -65,10 +65,9 @@ class Kernels:
         self._int4 = getattr(lib, f"qv_gemv_int4_{isa}")
         # bfloat16 weights under float32 activations (a float32 model on a bfloat16 checkpoint): AVX2's loop
         self._bf16w = lib.qv_gemv_bf16w_f32_avx2
-        for fn, args in ((self._f32, 6), (self._bf16, 6), (self._bf16w, 6), (self._int8, 7)):
+        for fn, args, restype in ((self._f32, 6, None), (self._bf16, 6, _I), (self._bf16w, 6, _I), (self._int8, 7, _I)):
             fn.argtypes = [_P] * (args - 2) + [_I, _I]
-            fn.restype = _I
-        self._f32.restype = None
+            fn.restype = restype  # _I: 0 when out of memory
         # the int8 loops' activations: float32 (AVX-512), or int16 in groups of this many (AVX2; gemv.c)
         self.int8_group = 128 if isa == "avx2" else None
         self._int4.argtypes = [_P] * 5 + [_I, _I, _I]

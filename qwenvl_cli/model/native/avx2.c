@@ -332,7 +332,7 @@ AVX2_TARGET static inline __m256 load8_bf16(const uint16_t *p) {
 /* Scores eight keys at a time: eight independent chains of FMAs (one key's chain alone waits on the FMA
  * latency: 2362 keys x 8 heads took 248 us a layer on Zen 3; four chains still half of the FMA rate), the
  * query read from L1 as an operand (a copy in a runtime-sized array went through the stack), each four
- * summed across lanes together by hadd: the same sums, in the same order, as four at a time. */
+ * summed across lanes together by hadd; the last < 8 keys of a block one at a time. */
 #define SCORES_256(T, LOAD8)                                                                               \
     const T *kh = (const T *)k;                                                                            \
     int64_t l = 0;                                                                                         \
@@ -349,22 +349,6 @@ AVX2_TARGET static inline __m256 load8_bf16(const uint16_t *p) {
         __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(d[4], d[5]), _mm256_hadd_ps(d[6], d[7]));                 \
         __m256 eight = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31)); \
         _mm256_storeu_ps(s + l, _mm256_mul_ps(eight, _mm256_set1_ps(scale)));                              \
-    }                                                                                                      \
-    for (; l + 4 <= len; l += 4) {                                                                         \
-        const T *k0 = kh + l * hd;                                                                         \
-        __m256 q0 = _mm256_loadu_ps(q);                                                                    \
-        __m256 d0 = _mm256_mul_ps(q0, LOAD8(k0)), d1 = _mm256_mul_ps(q0, LOAD8(k0 + hd));                  \
-        __m256 d2 = _mm256_mul_ps(q0, LOAD8(k0 + 2 * hd)), d3 = _mm256_mul_ps(q0, LOAD8(k0 + 3 * hd));     \
-        for (int64_t j = 8; j < hd; j += 8) {                                                              \
-            __m256 qj = _mm256_loadu_ps(q + j);                                                            \
-            d0 = _mm256_fmadd_ps(qj, LOAD8(k0 + j), d0);                                                   \
-            d1 = _mm256_fmadd_ps(qj, LOAD8(k0 + hd + j), d1);                                              \
-            d2 = _mm256_fmadd_ps(qj, LOAD8(k0 + 2 * hd + j), d2);                                          \
-            d3 = _mm256_fmadd_ps(qj, LOAD8(k0 + 3 * hd + j), d3);                                          \
-        }                                                                                                  \
-        __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(d0, d1), _mm256_hadd_ps(d2, d3));                         \
-        __m128 four = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));                  \
-        _mm_storeu_ps(s + l, _mm_mul_ps(four, _mm_set1_ps(scale)));                                        \
     }                                                                                                      \
     for (; l < len; l++) {                                                                                 \
         __m256 dot = _mm256_mul_ps(_mm256_loadu_ps(q), LOAD8(kh + l * hd));                                \

@@ -57,19 +57,30 @@ static void for_blocks(rows_fn rows_of, const product *p, int64_t block_rows, in
 /* ... in blocks of ROWS rows */
 static void for_rows(rows_fn rows_of, const product *p) { for_blocks(rows_of, p, ROWS, (p->n + ROWS - 1) / ROWS); }
 
-static void f32_rows(const product *p, int64_t n0, int rows) {
+/* rows [n0, n0 + rows) of y from their float32 sums: + bias, in float32 (store_f32) or rounded once to
+ * bfloat16 (store_bf16, a bfloat16 bias) */
+static inline void store_f32(const product *p, int64_t n0, int rows, const float *sums) {
     const float *bias = p->bias;
-    float *y = (float *)p->y, sums[ROWS];
-    p->block.f32((const float *)p->w + n0 * p->k, p->x, p->k, rows, sums);
+    float *y = p->y;
     for (int r = 0; r < rows; r++) y[n0 + r] = bias ? sums[r] + bias[n0 + r] : sums[r];
 }
 
-static void bf16_rows(const product *p, int64_t n0, int rows) {
+static inline void store_bf16(const product *p, int64_t n0, int rows, const float *sums) {
     const uint16_t *bias = p->bias;
     uint16_t *y = p->y;
+    for (int r = 0; r < rows; r++) y[n0 + r] = f32_to_bf16(bias ? sums[r] + bf16_to_f32(bias[n0 + r]) : sums[r]);
+}
+
+static void f32_rows(const product *p, int64_t n0, int rows) {
+    float sums[ROWS];
+    p->block.f32((const float *)p->w + n0 * p->k, p->x, p->k, rows, sums);
+    store_f32(p, n0, rows, sums);
+}
+
+static void bf16_rows(const product *p, int64_t n0, int rows) {
     float sums[ROWS];
     p->block.bf16((const uint16_t *)p->w + n0 * p->k, p->x, p->k, rows, sums);
-    for (int r = 0; r < rows; r++) y[n0 + r] = f32_to_bf16(bias ? sums[r] + bf16_to_f32(bias[n0 + r]) : sums[r]);
+    store_bf16(p, n0, rows, sums);
 }
 
 /* x # (K,) bfloat16 (from_bf16) or float32 -> # (K rounded up to 16,) float32 in bf16_block_avx2's order
@@ -88,18 +99,15 @@ static float *widen_x(const void *x, int from_bf16, int64_t k) {
 }
 
 static void bf16w_rows(const product *p, int64_t n0, int rows) { /* bfloat16 out */
-    const uint16_t *bias = p->bias;
-    uint16_t *y = p->y;
     float sums[ROWS];
     p->block.bf16w((const uint16_t *)p->w + n0 * p->k, p->xw, p->k, rows, sums);
-    for (int r = 0; r < rows; r++) y[n0 + r] = f32_to_bf16(bias ? sums[r] + bf16_to_f32(bias[n0 + r]) : sums[r]);
+    store_bf16(p, n0, rows, sums);
 }
 
 static void bf16w_f32_rows(const product *p, int64_t n0, int rows) { /* float32 out, float32 bias */
-    const float *bias = p->bias;
-    float *y = p->y, sums[ROWS];
+    float sums[ROWS];
     p->block.bf16w((const uint16_t *)p->w + n0 * p->k, p->xw, p->k, rows, sums);
-    for (int r = 0; r < rows; r++) y[n0 + r] = bias ? sums[r] + bias[n0 + r] : sums[r];
+    store_f32(p, n0, rows, sums);
 }
 
 /* The bfloat16 weights' AVX2 products on widened activations; 0 (nothing written) when out of memory. */
@@ -182,9 +190,9 @@ static int quantize_for(product *p, int64_t padded, int sums) {
     int64_t groups = (p->k + p->group - 1) / p->group;
     int16_t *xq = (int16_t *)calloc((size_t)padded * sizeof(int16_t) + (1 + sums) * (size_t)groups * sizeof(float), 1);
     if (!xq) return 0;
-    float *xs = (float *)(xq + padded);
-    p->xq = xq, p->xs = xs, p->xsum = sums ? xs + groups : NULL;
-    if (quantize_x(p->x, p->k, p->group, xq, xs, sums ? xs + groups : NULL)) return 1;
+    float *xs = (float *)(xq + padded), *xsum = sums ? xs + groups : NULL;
+    p->xq = xq, p->xs = xs, p->xsum = xsum;
+    if (quantize_x(p->x, p->k, p->group, xq, xs, xsum)) return 1;
     for (int64_t i = 0; i < p->n; i++) ((float *)p->y)[i] = __builtin_nanf("");
     free(xq);
     return -1;
