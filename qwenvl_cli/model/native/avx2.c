@@ -203,7 +203,7 @@ AVX2_TARGET static inline __m256i int8_dot(const int8_t *w, const int16_t *x, in
     __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
-        if (!(i & 63)) prefetch_row(w + i, 1024); /* a line a line, 1 KB ahead (into the next rows) */
+        if (!(i & 63)) prefetch_row(w + i, 1024); /* once per 64-byte line, 1 KB ahead (into the next rows) */
         a0 = _mm256_add_epi32(a0, int8_madd16(w + i, x + i));
         a1 = _mm256_add_epi32(a1, int8_madd16(w + i + 16, x + i + 16));
     }
