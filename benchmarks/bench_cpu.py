@@ -32,9 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from prompts import grid_tensor, image_prompt  # noqa: E402
+from timing import ours_run, theirs_run  # noqa: E402
 from checkpoints import make_checkpoint, reference_model  # noqa: E402
 
-from qwenvl_cli.generate import Generator, SamplingParams  # noqa: E402
+from qwenvl_cli.generate import Generator  # noqa: E402
 from qwenvl_cli.model.loader import load_model, open_checkpoint  # noqa: E402
 from qwenvl_cli.model.quant import decoder_linear_names  # noqa: E402
 
@@ -131,24 +132,13 @@ def run(ckpt_dir: Path, args) -> None:
           f"{processed.grid_thw}, {n_vis} vision tokens, prompt {len(ids)} tokens, {n} new tokens; "
           f"streaming read {bandwidth:.1f} GB/s")
 
-    def ours_run(model, count):
-        steps = Generator(model).stream(model.make_prompt(ids, vis), SamplingParams(max_new_tokens=count))
-        t = time.perf_counter()
-        next(steps)
-        first = time.perf_counter() - t
-        for _ in steps:
-            pass
-        return first, time.perf_counter() - t - first
+    kw = dict(input_ids=input_ids, pixel_values=pv, image_grid_thw=thw, mm_token_type_ids=(input_ids == 151655).int(),
+              attention_mask=torch.ones_like(input_ids))
 
-    def theirs_run(model, count):
-        kw = dict(input_ids=input_ids, pixel_values=pv, image_grid_thw=thw, mm_token_type_ids=(input_ids == 151655).int(),
-                  attention_mask=torch.ones_like(input_ids), do_sample=False, repetition_penalty=1.0, pad_token_id=0)
-        t = time.perf_counter()
-        model.generate(**kw, max_new_tokens=1, min_new_tokens=1)
-        first = time.perf_counter() - t
-        t = time.perf_counter()
-        model.generate(**kw, max_new_tokens=count, min_new_tokens=count)
-        return first, time.perf_counter() - t - first
+    def run_one(who, model, count):
+        if who == "qwenvl":
+            return ours_run(Generator(model), model.make_prompt(ids, vis), count)
+        return theirs_run(model, kw, count)
 
     best: dict[tuple[str, str, str], float] = {}
 
@@ -157,9 +147,9 @@ def run(ckpt_dir: Path, args) -> None:
 
     with torch.inference_mode():
         for v in args.variants:  # warm-up: first calls build kernels and fault the weights in
-            ours_run(ours[v], 2)
+            run_one("qwenvl", ours[v], 2)
             if v in theirs:
-                theirs_run(theirs[v], 2)
+                run_one("transformers", theirs[v], 2)
         for r in range(args.rounds):
             for v in args.variants:
                 for who, model in (("qwenvl", ours[v]), ("transformers", theirs.get(v))):
@@ -171,7 +161,7 @@ def run(ckpt_dir: Path, args) -> None:
                     else:
                         model.model.get_image_features(pv.to(model.dtype), thw)
                     keep((v, who, "vision"), time.perf_counter() - t)
-                    first, rest = (ours_run if who == "qwenvl" else theirs_run)(model, n)
+                    first, rest = run_one(who, model, n)
                     keep((v, who, "prefill"), first)
                     keep((v, who, "step"), rest / (n - 1))
             print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr)

@@ -37,6 +37,7 @@ class Timings:
     prefill: float = 0.0
     decode: float = 0.0
     decode_tokens: int = 0
+    decode_path: str = ""  # what ran the decode steps (Generator.decode_path), e.g. "one CUDA graph"
 
     @property
     def tokens_per_second(self) -> float:
@@ -176,6 +177,7 @@ class Engine:
                 on_text(tail)
         timings.decode = time.perf_counter() - start
         timings.decode_tokens = max(count - 1, 0)
+        timings.decode_path = self.generator.decode_path
         return Answer(
             text="".join(pieces),
             prompt_tokens=prompt.length,

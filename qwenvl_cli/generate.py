@@ -18,11 +18,14 @@ from qwenvl_cli.config import GenerationConfig, check_sampling
 from qwenvl_cli.errors import PromptError
 from qwenvl_cli.model.qwen2_5_vl import Prompt, Qwen2_5_VL
 from qwenvl_cli.model.rope import signed_sin
+from qwenvl_cli.model.graph_step import GraphStep, StaticStep
 from qwenvl_cli.model.native_step import NativeStep
 from qwenvl_cli.model.text import KVCache
 
 if TYPE_CHECKING:
     from qwenvl_cli.constrain import JsonConstraint
+
+DecodeStep = NativeStep | StaticStep | GraphStep  # begin(first_slot), then step(token, index, cos, sin_signed)
 
 
 @dataclass(frozen=True)
@@ -185,15 +188,27 @@ def _check_length(model: Qwen2_5_VL, prompt: Prompt) -> None:
 # ---------------------------------------------------------------------------------------- engine
 
 
+STEPS = ("auto", "native", "graph", "static", "modules")
+
+
 class Generator:
     """Cached generation for one model: prefill once, then one decode step per token."""
 
-    def __init__(self, model: Qwen2_5_VL, native_step: bool = True) -> None:
-        """native_step=False keeps every decode step on the modules (TextModel.decode: the bound step's
-        oracle)."""
+    def __init__(self, model: Qwen2_5_VL, step: str = "auto") -> None:
+        """step: what runs the decode steps. "native" the bound native kernels (model/native_step.py, CPU),
+        "graph" the static step captured in one CUDA graph (model/graph_step.py, CUDA), "static" that step
+        run eagerly (the graph's body, testable on CPU), "modules" TextModel.decode (the oracle of them
+        all); "auto" is native on CPU and graph on CUDA. Where the chosen one does not apply (a batch,
+        kernels missing, a capture that fails) the modules serve, and `decode_path` says so."""
+        if step not in STEPS:
+            raise ValueError(f"decode step {step!r}: choose one of {', '.join(STEPS)}")
         self.model = model
-        self.native_step = native_step
-        self._bound: tuple[KVCache, NativeStep | None] | None = None  # the bound step of the current cache
+        self.step_kind = step
+        self.decode_path = ""  # what ran the last bound cache's decode steps, and why (for --verbose)
+        self._no_graph = ""  # why a capture failed: the modules serve from then on
+        # The step bound to the current cache. On CUDA both outlive the answer: the next answer that fits
+        # reuses the cache and replays the same graph instead of capturing again.
+        self._bound: tuple[KVCache, DecodeStep | None] | None = None
 
     @torch.inference_mode()
     def prefill(self, prompt: Prompt, cache: KVCache) -> torch.Tensor:
@@ -210,21 +225,64 @@ class Generator:
     ) -> torch.Tensor:
         """token # (1, 1) long on device at sequence index `index`; cos # (1, 1, hd) and sin_signed
         (rope.signed_sin of the sin table) # (1, 1, hd). -> (1, V)."""
-        bound = self._bind(cache)
+        bound = self._bind(cache, index)
         if bound is not None:
             return bound.step(token, index, cos, sin_signed)
         m = self.model
         hidden = m.model.decode(m.model.embed_tokens(token), cos, sin_signed, cache, index)
         return m.logits(hidden[:, -1])
 
-    def _bind(self, cache: KVCache) -> NativeStep | None:
-        """The native step bound to `cache` (model/native_step.py), made on its first step; None where it
-        does not apply."""
-        if not self.native_step:
-            return None
+    def _bind(self, cache: KVCache, first_slot: int) -> DecodeStep | None:
+        """The step bound to `cache`, made when the cache is new (its decode starting at `first_slot`); None
+        where the modules serve."""
         if self._bound is None or self._bound[0] is not cache:
-            self._bound = (cache, NativeStep.build(self.model, cache))
+            self._bound = None  # an old graph and cache go before the new ones are made
+            self._bound = (cache, self._make_step(cache, first_slot))
         return self._bound[1]
+
+    def _kind(self) -> str:
+        """The step kind asked for, "auto" resolved for the model's device."""
+        kind = self.step_kind
+        if kind == "auto":
+            kind = {"cpu": "native", "cuda": "graph"}.get(self.model.device.type, "modules")
+        return "modules" if kind == "graph" and self._no_graph else kind
+
+    def _make_step(self, cache: KVCache, first_slot: int) -> DecodeStep | None:
+        kind = self._kind()
+        step: DecodeStep | None = None
+        why = ""
+        if kind == "native":
+            step = NativeStep.build(self.model, cache)
+            why = "native kernels" if step is not None else "modules (the native kernels do not take this model)"
+        elif kind in ("graph", "static") and cache.k.shape[1] != 1:
+            why = f"modules (a static step takes batch 1, not {cache.k.shape[1]})"
+        elif kind == "static":
+            step, why = StaticStep(self.model, cache, first_slot), "a static step, eager"
+        elif kind == "graph":
+            try:
+                step, why = GraphStep.capture(StaticStep(self.model, cache, first_slot), first_slot), "one CUDA graph"
+            except RuntimeError as exc:  # no CUDA, or a kernel that syncs or allocates on the host in capture
+                why = f"modules (CUDA graph capture failed: {str(exc).splitlines()[0][:200]})"
+                self._no_graph = why  # not tried again for this model
+        else:
+            why = self._no_graph or "modules"
+        self.decode_path = why
+        return step
+
+    def _cache(self, length: int) -> KVCache:
+        """A cache of at least `length` slots. For CUDA graphs one is rounded up to a multiple of 256 slots,
+        and kept while it fits and is not much larger (the step attends over every slot of it), so that
+        answers of similar length share it and replay its graph instead of capturing another."""
+        m = self.model
+        if self._kind() != "graph":
+            return KVCache.allocate(m.config.text, 1, length, m.device, m.dtype)
+        if self._graph_bound and length <= self._bound[0].max_len <= 2 * length + 256:
+            return self._bound[0]
+        return KVCache.allocate(m.config.text, 1, -(-length // 256) * 256, m.device, m.dtype)
+
+    @property
+    def _graph_bound(self) -> bool:
+        return self._bound is not None and isinstance(self._bound[1], GraphStep)
 
     @torch.inference_mode()
     def stream(
@@ -237,7 +295,10 @@ class Generator:
         device = m.device
         _check_length(m, prompt)
         n_new = min(params.max_new_tokens, m.config.text.max_position_embeddings - prompt.length)
-        cache = KVCache.allocate(m.config.text, 1, prompt.length + n_new, device, m.dtype)
+        cache = self._cache(prompt.length + n_new)
+        bound = self._bind(cache, prompt.length)
+        if bound is not None:
+            bound.begin(prompt.length)
         # Every decode position is known up front: text after the prompt, index + rope_delta on all axes.
         decode_pos = torch.arange(prompt.length, prompt.length + n_new, device=device) + prompt.rope_delta
         cos_all, sin_all = m.decode_tables(decode_pos)  # (1, n_new, hd)
@@ -251,7 +312,7 @@ class Generator:
         if constraint is not None:
             constraint.reset()
 
-        try:  # the bound step holds the cache: let both go with the answer
+        try:
             logits = self.prefill(prompt, cache)
             for i in range(n_new):
                 if constraint is not None:
@@ -274,8 +335,9 @@ class Generator:
                     seen_ids = torch.cat([seen_ids, token])
                 index = prompt.length + i
                 logits = self.decode_step(token[:, None], index, cos_all[:, i : i + 1], sin_all[:, i : i + 1], cache)
-        finally:
-            self._bound = None
+        finally:  # a bound step holds its cache: on the CPU both go with the answer
+            if not self._graph_bound:
+                self._bound = None
 
 
 @torch.inference_mode()

@@ -212,7 +212,7 @@ def _steps(model, native_step: bool, n: int = 4, past: int = 20):
     cache.k.copy_(torch.randn(cache.k.shape, generator=g))
     cache.v.copy_(torch.randn(cache.v.shape, generator=g))
     cos, sin = model.decode_tables(torch.arange(past, past + n) + 3)
-    gen, out = Generator(model, native_step=native_step), []
+    gen, out = Generator(model, step="native" if native_step else "modules"), []
     with torch.inference_mode():
         for i in range(n):
             token = torch.tensor([[9707 + 1000 * i]])

@@ -144,6 +144,7 @@ def run_task(task: Task, opts: Common) -> None:
         log(
             f"{outcome.label}: preprocess {outcome.preprocess:.2f}s; {a.prompt_tokens} prompt tokens, prefill "
             f"{a.timings.prefill:.2f}s; {a.completion_tokens} tokens, decode {a.timings.tokens_per_second:.1f} tok/s"
+            + (f" ({a.timings.decode_path})" if a.timings.decode_path else "")
         )
     if failures:
         raise typer.Exit(1)

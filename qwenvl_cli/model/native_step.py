@@ -87,6 +87,9 @@ class NativeStep:
         except ValueError:
             return None
 
+    def begin(self, first_slot: int) -> None:
+        """A new answer on the bound cache: nothing to reset (each step reads only the slots written)."""
+
     @torch.inference_mode()
     def step(self, token: torch.Tensor, index: int, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
         """token # (1, 1) long at cache slot `index`; cos, sin_signed # (1, 1, hd) in the model's dtype ->

@@ -136,19 +136,10 @@ class Attention(nn.Module):
         index: int,
     ) -> torch.Tensor:  # (B, 1, D)
         """`forward` for one token at sequence `index`, with the same arithmetic in fewer ops: a decode
-        step is bound by per-op overhead on small models (~5 us an op, ~60 ops a layer before). With
-        fused q/k/v the query and key heads rotate in one go, as one (B, H + kv, hd) slab."""
+        step is bound by per-op overhead on small models (~5 us an op, ~60 ops a layer before)."""
         b = x.shape[0]
         h, kv, hd = self.num_heads, self.num_kv, self.head_dim
-        if self.qkv is not None:
-            qkv = self.qkv(x)  # (B, 1, (H + 2 kv) hd)
-            qk = qkv[..., : (h + kv) * hd].reshape(b, h + kv, hd)
-            v = qkv[..., (h + kv) * hd :].reshape(b, kv, hd)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-            qk = torch.cat((q, k), dim=-1).reshape(b, h + kv, hd)
-            v = v.reshape(b, kv, hd)
-        qk = qk * cos + qk.roll(hd // 2, -1) * sin_signed  # == apply_rotary, bit for bit
+        qk, v = self._rotated(x, cos, sin_signed)
         k_all, v_all = cache.k_layers[layer], cache.v_layers[layer]  # (B, kv, max_len, hd)
         k_all.select(2, index).copy_(qk[:, h:])
         v_all.select(2, index).copy_(v)
@@ -159,6 +150,48 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, enable_gqa=kv != h)
         return self.o_proj(out.reshape(b, 1, h * hd))
+
+    def decode_static(
+        self,
+        x: torch.Tensor,  # (B, 1, D)
+        cos: torch.Tensor,  # (B, 1, hd)
+        sin_signed: torch.Tensor,  # (B, 1, hd)
+        cache: KVCache,
+        layer: int,
+        slot: torch.Tensor,  # (1,) long on the device: the cache slot of this token
+        visible: torch.Tensor,  # (1, 1, 1, max_len) bool: the slots <= slot
+    ) -> torch.Tensor:  # (B, 1, D)
+        """`decode` with every shape fixed and the slot a device tensor, so that a CUDA graph can replay it
+        at any position: the keys and values go in by index_copy_, and the query attends over the whole
+        cache under `visible` (the unwritten slots must hold finite values, e.g. zeros: a masked weight is
+        0, and 0 * NaN would still poison the sum). The query heads sharing a kv head are that head's
+        queries (B, kv, H/kv, hd), so SDPA needs neither GQA support nor a repeated cache."""
+        b = x.shape[0]
+        h, kv, hd = self.num_heads, self.num_kv, self.head_dim
+        qk, v = self._rotated(x, cos, sin_signed)
+        k_all, v_all = cache.k_layers[layer], cache.v_layers[layer]  # (B, kv, max_len, hd)
+        k_all.index_copy_(2, slot, qk[:, h:, None])
+        v_all.index_copy_(2, slot, v[:, :, None])
+        q = qk[:, :h].reshape(b, kv, h // kv, hd)
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=visible)  # (B, kv, H/kv, hd)
+        return self.o_proj(out.reshape(b, 1, h * hd))
+
+    def _rotated(
+        self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token's rotated query and key heads # (B, H + kv, hd) and its values # (B, kv, hd). With fused
+        q/k/v the query and key heads rotate in one go, as one slab."""
+        b = x.shape[0]
+        h, kv, hd = self.num_heads, self.num_kv, self.head_dim
+        if self.qkv is not None:
+            qkv = self.qkv(x)  # (B, 1, (H + 2 kv) hd)
+            qk = qkv[..., : (h + kv) * hd].reshape(b, h + kv, hd)
+            v = qkv[..., (h + kv) * hd :].reshape(b, kv, hd)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            qk = torch.cat((q, k), dim=-1).reshape(b, h + kv, hd)
+            v = v.reshape(b, kv, hd)
+        return qk * cos + qk.roll(hd // 2, -1) * sin_signed, v  # == apply_rotary, bit for bit
 
 
 class DecoderLayer(nn.Module):
@@ -175,6 +208,10 @@ class DecoderLayer(nn.Module):
 
     def decode(self, x, cos, sin_signed, cache, layer, index):
         x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin_signed, cache, layer, index)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode_static(self, x, cos, sin_signed, cache, layer, slot, visible):
+        x = x + self.self_attn.decode_static(self.input_layernorm(x), cos, sin_signed, cache, layer, slot, visible)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -214,4 +251,22 @@ class TextModel(nn.Module):
         x = embeds
         for i, layer in enumerate(self.layers):
             x = layer.decode(x, cos, sin_signed, cache, i, index)
+        return self.norm(x)
+
+    def decode_static(
+        self,
+        embeds: torch.Tensor,  # (B, 1, D)
+        cos: torch.Tensor,  # (B, 1, hd)
+        sin_signed: torch.Tensor,  # (B, 1, hd)
+        cache: KVCache,
+        slot: torch.Tensor,  # (1,) long on the device
+    ) -> torch.Tensor:  # (B, 1, D) final-normed
+        """`decode` at the cache slot held in `slot`, with the same shapes at every slot (Attention.decode_static):
+        what a CUDA graph captures once and replays (model/graph_step.py). Equal to decode within float
+        rounding (another attention kernel), tests/test_graph_step.py."""
+        slots = torch.arange(cache.max_len, device=slot.device)
+        visible = (slots <= slot).view(1, 1, 1, -1)  # (1, 1, 1, max_len)
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            x = layer.decode_static(x, cos, sin_signed, cache, i, slot, visible)
         return self.norm(x)
