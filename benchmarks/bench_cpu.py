@@ -32,12 +32,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from prompts import grid_tensor, image_prompt  # noqa: E402
-from timing import ours_run, theirs_run  # noqa: E402
+from timing import ours_run, step_bytes, theirs_run  # noqa: E402
 from checkpoints import make_checkpoint, reference_model  # noqa: E402
 
 from qwenvl_cli.generate import Generator  # noqa: E402
 from qwenvl_cli.model.loader import load_model, open_checkpoint  # noqa: E402
-from qwenvl_cli.model.quant import decoder_linear_names  # noqa: E402
 
 PRESETS = {
     # The issue's 228M checkpoint: text 512 x 8 layers (8 heads of 64, 2 kv heads), vision 640 x 8 blocks
@@ -72,12 +71,6 @@ def read_bandwidth(nbytes: int = 512 << 20, repeat: int = 5) -> float:
             reduce(buf)
             best = min(best, time.perf_counter() - t)
     return nbytes / best / 1e9
-
-
-def step_bytes(model) -> int:
-    """Weight bytes one decode step reads: every decoder linear and the LM head (norms are negligible)."""
-    modules = (model.get_submodule(name) for name in decoder_linear_names(model))
-    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
 
 
 def main() -> None:

@@ -1,9 +1,12 @@
 """qwenvl against transformers on a GPU, on the same random weights built on the device (no checkpoint on
 disk, no weight copied: qwenvl's parameters are transformers' tensors).
 
-Prints, and writes as JSON to --out, the vision tower seconds, the time to the first token (vision +
-prefill + one step), decode tokens/s timed inside the same answer (benchmarks/timing.py) and the ratios
-transformers / qwenvl (> 1: qwenvl faster), best of --rounds alternating passes, plus peak memory.
+Prints, and writes as JSON to --out, per test image the vision tower seconds and the time to the first
+token (vision + prefill + the first pick), and on the first image's prompt the decode tokens/s timed inside
+one answer (benchmarks/timing.py): qwenvl's as it runs (on CUDA one captured graph a step), qwenvl's
+eager module step, transformers'; the decode as a share of the device's streaming-read bandwidth (weight
+bytes a step reads / step time), the ratios (> 1: qwenvl faster), best of --rounds alternating passes,
+how many greedy tokens the graph and the eager step agree on, and peak memory.
 
     python benchmarks/bench_gpu.py --preset 3b --out $OUT/gpu.json          # what benchmarks/gpu.sh runs
     python benchmarks/bench_gpu.py --preset tiny --device cpu --rounds 1 --new-tokens 32  # smoke test without a GPU
@@ -25,11 +28,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from prompts import grid_tensor, image_prompt  # noqa: E402
-from timing import ours_run, theirs_run  # noqa: E402
+from timing import ours_run, step_bytes, theirs_run  # noqa: E402
 from checkpoints import TEXT, VISION, _config  # noqa: E402
 
 from qwenvl_cli.config import ModelConfig  # noqa: E402
-from qwenvl_cli.generate import Generator  # noqa: E402
+from qwenvl_cli.generate import Generator, SamplingParams  # noqa: E402
 from qwenvl_cli.model.loader import _assign, _meta_build, canonical_key  # noqa: E402
 from qwenvl_cli.model.qwen2_5_vl import Qwen2_5_VL  # noqa: E402
 
@@ -79,12 +82,53 @@ def build_pair(preset: dict, device: torch.device, dtype: torch.dtype):
     return ours.eval().requires_grad_(False), ref
 
 
+class Case:
+    """One test image's prompt, for both models."""
+
+    def __init__(self, size: str, ours, ref, device: torch.device, dtype: torch.dtype) -> None:
+        width, height = map(int, size.split("x"))
+        processed, vis, ids = image_prompt(width, height)
+        self.size, self.ours, self.ref, self.vis, self.dtype = size, ours, ref, vis, dtype
+        self.vision_tokens = ids.count(151655)  # image pads
+        self.pv, self.thw = processed.pixel_values.to(device), grid_tensor(processed, device)
+        input_ids = torch.tensor([ids], device=device)
+        self.kw = dict(input_ids=input_ids, pixel_values=self.pv, image_grid_thw=self.thw,
+                       mm_token_type_ids=(input_ids == 151655).int(), attention_mask=torch.ones_like(input_ids))
+        self.prompt = ours.make_prompt(ids, vis)
+
+    def ours_vision(self) -> None:
+        self.ours.vision_features(self.vis)
+
+    def ref_vision(self) -> None:
+        self.ref.model.get_image_features(self.pv.to(self.dtype), self.thw)
+
+    def logits_diff(self) -> float:
+        mine = self.ours(self.prompt)[0, -1]
+        kw = {k: v for k, v in self.kw.items() if k != "attention_mask"}
+        theirs = self.ref(**kw).logits[0, -1].float()
+        return (mine - theirs).abs().max().item()
+
+
+def read_bandwidth(device: torch.device, sync, nbytes: int = 4 << 30) -> float:
+    """Streaming-read GB/s: the best of 5 reductions over a buffer far larger than any cache."""
+    buf = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
+    best = float("inf")
+    for _ in range(5):
+        sync()
+        t = time.perf_counter()
+        buf.sum()
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="3b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    ap.add_argument("--image", default="1600x1146", help="WIDTHxHEIGHT of the random test image, pixels")
+    ap.add_argument("--image", nargs="+", default=["2000x1000", "1036x1036"],
+                    help="WIDTHxHEIGHT of the random test images, pixels (decode is timed on the first)")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, help="write the results here as JSON")
@@ -96,26 +140,8 @@ def main() -> None:
     sync()
     built = time.perf_counter() - t
 
-    width, height = map(int, args.image.split("x"))
-    processed, vis, ids = image_prompt(width, height)
-    n_vis = ids.count(151655)  # image pads
-    pv, thw = processed.pixel_values.to(device), grid_tensor(processed, device)
-    input_ids = torch.tensor([ids], device=device)
     n = args.new_tokens
-
-    def ours_vision():
-        ours.vision_features(vis)
-
-    def ref_vision():
-        ref.model.get_image_features(pv.to(dtype), thw)
-
-    kw = dict(input_ids=input_ids, pixel_values=pv, image_grid_thw=thw, mm_token_type_ids=(input_ids == 151655).int(),
-              attention_mask=torch.ones_like(input_ids))
-    prompt = ours.make_prompt(ids, vis)
-    generator = Generator(ours)
-
-    def run_one(who, count):
-        return ours_run(generator, prompt, count) if who == "qwenvl" else theirs_run(ref, kw, count)
+    cases = [Case(size, ours, ref, device, dtype) for size in args.image]
 
     def timed(fn, *a):
         sync()
@@ -124,39 +150,60 @@ def main() -> None:
         sync()
         return time.perf_counter() - t
 
-    best: dict[tuple[str, str], float] = {}
+    best: dict[tuple, float] = {}
 
-    def keep(who, key, value):
-        best[who, key] = min(best.get((who, key), float("inf")), value)
+    def keep(key, value):
+        best[key] = min(best.get(key, float("inf")), value)
 
+    graphed, eager = Generator(ours), Generator(ours, step="modules")
+    decode = cases[0]  # decode is timed on the first image's prompt
+    runs = {"qwenvl": lambda c, k: ours_run(graphed, c.prompt, k), "qwenvl eager": lambda c, k: ours_run(eager, c.prompt, k),
+            "transformers": lambda c, k: theirs_run(ref, c.kw, k)}
     with torch.inference_mode():
         # Same weights, same answer: the last position's logits of both (a check, not a parity test).
-        mine = ours(ours.make_prompt(ids, vis))[0, -1]
-        theirs = ref(input_ids=input_ids, pixel_values=pv, image_grid_thw=thw,
-                     mm_token_type_ids=(input_ids == 151655).int()).logits[0, -1].float()
-        logits_diff = (mine - theirs).abs().max().item()
-        for fn in (ours_vision, ref_vision):
-            fn()
-        run_one("qwenvl", 2)
-        run_one("transformers", 2)
+        logits_diff = max(c.logits_diff() for c in cases)
+        for c in cases:  # warm-up: kernels chosen, the graph captured
+            c.ours_vision(), c.ref_vision()
+            for run in runs.values():
+                run(c, 2)
         for _ in range(args.rounds):
-            for who, vision in (("qwenvl", ours_vision), ("transformers", ref_vision)):
-                keep(who, "vision_s", timed(vision))
-                first, rest = run_one(who, n)
-                keep(who, "first_token_s", first)
-                keep(who, "step_s", rest / (n - 1))
+            for c in cases:
+                keep((c.size, "qwenvl", "vision_s"), timed(c.ours_vision))
+                keep((c.size, "transformers", "vision_s"), timed(c.ref_vision))
+                for who, run in runs.items():
+                    if c is decode:
+                        first, rest = run(c, n)
+                        keep(("decode", who), rest / (n - 1))
+                    else:
+                        first, _ = run(c, 1)
+                    keep((c.size, who, "first_token_s"), first)
+        # The graph's greedy tokens against the eager modules' (bfloat16 attention sums in another order,
+        # so a near tie may part them late; float32 should agree throughout).
+        got = [s.token_id for s in graphed.stream(decode.prompt, SamplingParams(max_new_tokens=n))]
+        want = [s.token_id for s in eager.stream(decode.prompt, SamplingParams(max_new_tokens=n))]
+        same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    bandwidth = read_bandwidth(device, sync)
+    nbytes = step_bytes(ours)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "preset": args.preset, "dtype": args.dtype, "image": args.image,
-              "vision_tokens": n_vis, "prompt_tokens": len(ids), "new_tokens": n, "build_s": built,
+              "torch": torch.__version__, "preset": args.preset, "dtype": args.dtype, "build_s": built,
+              "read_GBps": bandwidth, "decode_weight_MB_per_token": nbytes / 1e6,
+              "decode_path": graphed.decode_path, "tokens_equal_to_the_eager_step": f"{same} of {n}",
               "last_logits_max_abs_diff": logits_diff}
-    for who in ("qwenvl", "transformers"):
-        result[who] = {"vision_s": best[who, "vision_s"], "first_token_s": best[who, "first_token_s"],
-                       "decode_tok_s": 1 / best[who, "step_s"]}
-    result["ratio_transformers_over_qwenvl"] = {
-        "vision": result["transformers"]["vision_s"] / result["qwenvl"]["vision_s"],
-        "first_token": result["transformers"]["first_token_s"] / result["qwenvl"]["first_token_s"],
-        "decode": result["qwenvl"]["decode_tok_s"] / result["transformers"]["decode_tok_s"],
+    step = {who: best["decode", who] for who in runs}
+    result["decode"] = {
+        "image": decode.size, "prompt_tokens": decode.prompt.length, "new_tokens": n,
+        **{f"{who} tok/s": 1 / t for who, t in step.items()},
+        "qwenvl % of read bandwidth": 100 * nbytes / 1e9 / step["qwenvl"] / bandwidth,
+        "ratio qwenvl / transformers": step["transformers"] / step["qwenvl"],
+        "ratio qwenvl / qwenvl eager": step["qwenvl eager"] / step["qwenvl"],
     }
+    for c in cases:
+        row = {"vision_tokens": c.vision_tokens, "prompt_tokens": c.prompt.length}
+        for key in ("vision_s", "first_token_s"):
+            for who in ("qwenvl", "transformers"):
+                row[f"{who} {key}"] = best[c.size, who, key]
+            row[f"ratio {key} transformers / qwenvl"] = best[c.size, "transformers", key] / best[c.size, "qwenvl", key]
+        result[c.size] = row
     if device.type == "cuda":
         result["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     print(json.dumps(result, indent=2))

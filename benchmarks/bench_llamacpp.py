@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from bench_cpu import PRESETS, read_bandwidth, step_bytes  # noqa: E402
+from bench_cpu import PRESETS, read_bandwidth  # noqa: E402
+from timing import step_bytes  # noqa: E402
 from prompts import image_prompt  # noqa: E402
 from checkpoints import make_checkpoint  # noqa: E402
 

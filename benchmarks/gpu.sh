@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: environment facts, then qwenvl vs transformers on random 3B-shape weights built
-# on the GPU (bfloat16, a 1600x1146 image, 64 greedy tokens), results in $OUT (default ./gpu-results).
-#   bash benchmarks/gpu.sh            # ~3-5 min on one H100/H200-class GPU: build ~30 s, 3 rounds
+# One call on a GPU machine: environment facts; a CUDA smoke test (the tiny float32 model: logits against
+# transformers', the CUDA-graph decode's greedy tokens against the eager step's); then qwenvl vs transformers
+# on random 3B- and 7B-shape weights built on the GPU (bfloat16; a 2000x1000 image for the vision tower and
+# decode, a 1036x1036 one for the time to first token; 256 greedy tokens). Results in $OUT (./gpu-results).
+#   bash benchmarks/gpu.sh            # ~4-6 min on one H100/H200-class GPU (estimated: not yet run on one)
 set -euo pipefail
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python}
@@ -13,5 +15,10 @@ cd "$(dirname "$0")/.."
 'available', torch.cuda.is_available(), 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA: nothing to measure')"
+export PYTHONUNBUFFERED=1
+"$PY" benchmarks/bench_gpu.py --preset tiny --dtype float32 --rounds 1 --new-tokens 64 --image 448x448 \
+  --out "$OUT/gpu-tiny-fp32.json" 2>&1 | tee "$OUT/gpu-tiny-fp32.txt"
 "$PY" benchmarks/bench_gpu.py --preset 3b --dtype bfloat16 --rounds 3 --out "$OUT/gpu-3b-bf16.json" \
   2>&1 | tee "$OUT/gpu-3b-bf16.txt"
+"$PY" benchmarks/bench_gpu.py --preset 7b --dtype bfloat16 --rounds 2 --image 1036x1036 --out "$OUT/gpu-7b-bf16.json" \
+  2>&1 | tee "$OUT/gpu-7b-bf16.txt"

@@ -13,6 +13,13 @@ from __future__ import annotations
 import time
 
 from qwenvl_cli.generate import Generator, SamplingParams
+from qwenvl_cli.model.quant import decoder_linear_names
+
+
+def step_bytes(model) -> int:
+    """Weight bytes one decode step reads: every decoder linear and the LM head (norms are negligible)."""
+    modules = (model.get_submodule(name) for name in decoder_linear_names(model))
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
 
 
 def ours_run(generator: Generator, prompt, count: int) -> tuple[float, float]:

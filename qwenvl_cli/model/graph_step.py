@@ -67,7 +67,8 @@ class StaticStep:
 
 
 class GraphStep:
-    """A StaticStep captured in a CUDA graph at its first step (`capture`), replayed at every step after."""
+    """A StaticStep captured in a CUDA graph when the Generator binds it to a cache (`capture`), replayed at
+    every step of every answer on that cache."""
 
     def __init__(self, static: StaticStep, replay: Callable[[], None], logits: torch.Tensor) -> None:
         """replay: runs the captured step again, into `logits` # (1, V) float32 (the graph's output)."""
@@ -78,9 +79,9 @@ class GraphStep:
     def capture(cls, static: StaticStep, first_slot: int) -> GraphStep:
         """Capture the step, loaded with placeholder inputs (token 0, zero rope rows) at `first_slot`. The
         warm-up runs (on a side stream, as capture requires: they let cuBLAS and the attention choose and
-        allocate their kernels) write placeholder keys and values to that slot only, and the answer's
-        first step writes that slot before any step reads it. Raises what the capture raises (a kernel
-        that syncs or allocates on the host); the caller falls back to the eager modules."""
+        allocate their kernels) write placeholder keys and values to that slot only, and begin() zeroes
+        it again. Raises what the capture raises (no CUDA device, a kernel that syncs or allocates on the
+        host); the caller falls back to the eager modules."""
         static.load(torch.zeros_like(static.token), first_slot, torch.zeros_like(static.cos), torch.zeros_like(static.sin))
         replay, logits = _record(static.run, static.token.device)
         static.begin(first_slot)
