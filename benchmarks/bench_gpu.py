@@ -3,7 +3,8 @@ disk, no weight copied: qwenvl's parameters are transformers' tensors).
 
 Prints, and writes as JSON to --out, per test image the vision tower seconds and the time to the first
 token (vision + prefill + the first pick), and on the first image's prompt the decode tokens/s timed inside
-one answer (benchmarks/timing.py): qwenvl's as it runs (on CUDA one captured graph a step), qwenvl's
+one answer (benchmarks/timing.py); qwenvl's vision tower also with its padded attention call (the default
+on CUDA in half precision is variable-length flash attention), and the two's largest difference: qwenvl's as it runs (on CUDA one captured graph a step), qwenvl's
 eager module step, transformers'; the decode as a share of the device's streaming-read bandwidth (weight
 bytes a step reads / step time), the ratios (> 1: qwenvl faster), best of --rounds alternating passes,
 how many greedy tokens the graph and the eager step agree on, and peak memory.
@@ -34,6 +35,7 @@ from checkpoints import TEXT, VISION, _config  # noqa: E402
 from qwenvl_cli.config import ModelConfig  # noqa: E402
 from qwenvl_cli.generate import Generator, SamplingParams  # noqa: E402
 from qwenvl_cli.model.loader import _assign, _meta_build, canonical_key  # noqa: E402
+from qwenvl_cli.model import vision  # noqa: E402
 from qwenvl_cli.model.qwen2_5_vl import Qwen2_5_VL  # noqa: E402
 
 PRESETS = {
@@ -99,6 +101,14 @@ class Case:
     def ours_vision(self) -> None:
         self.ours.vision_features(self.vis)
 
+    def ours_vision_padded(self) -> None:
+        self.ours.vision_features(self.vis, attention="padded")
+
+    def vision_diff(self) -> float:
+        """Max |varlen - padded| of qwenvl's vision features (on CUDA in half precision the default is
+        variable-length flash attention; padded is one SDPA call over padded segments)."""
+        return (self.ours.vision_features(self.vis) - self.ours.vision_features(self.vis, attention="padded")).abs().max().item()
+
     def ref_vision(self) -> None:
         self.ref.model.get_image_features(self.pv.to(self.dtype), self.thw)
 
@@ -162,6 +172,7 @@ def main() -> None:
     with torch.inference_mode():
         # Same weights, same answer: the last position's logits of both (a check, not a parity test).
         logits_diff = max(c.logits_diff() for c in cases)
+        vision_diff = max(c.vision_diff() for c in cases)
         for c in cases:  # warm-up: kernels chosen, the graph captured
             c.ours_vision(), c.ref_vision()
             for run in runs.values():
@@ -169,6 +180,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for c in cases:
                 keep((c.size, "qwenvl", "vision_s"), timed(c.ours_vision))
+                keep((c.size, "qwenvl padded", "vision_s"), timed(c.ours_vision_padded))
                 keep((c.size, "transformers", "vision_s"), timed(c.ref_vision))
                 for who, run in runs.items():
                     if c is decode:
@@ -188,7 +200,8 @@ def main() -> None:
               "torch": torch.__version__, "preset": args.preset, "dtype": args.dtype, "build_s": built,
               "read_GBps": bandwidth, "decode_weight_MB_per_token": nbytes / 1e6,
               "decode_path": graphed.decode_path, "tokens_equal_to_the_eager_step": f"{same} of {n}",
-              "last_logits_max_abs_diff": logits_diff}
+              "last_logits_max_abs_diff": logits_diff, "vision_varlen_vs_padded_max_abs_diff": vision_diff,
+              "vision_varlen_off": vision.varlen_off}
     step = {who: best["decode", who] for who in runs}
     result["decode"] = {
         "image": decode.size, "prompt_tokens": decode.prompt.length, "new_tokens": n,
@@ -198,7 +211,8 @@ def main() -> None:
         "ratio qwenvl / qwenvl eager": step["qwenvl eager"] / step["qwenvl"],
     }
     for c in cases:
-        row = {"vision_tokens": c.vision_tokens, "prompt_tokens": c.prompt.length}
+        row = {"vision_tokens": c.vision_tokens, "prompt_tokens": c.prompt.length,
+               "qwenvl padded vision_s": best[c.size, "qwenvl padded", "vision_s"]}
         for key in ("vision_s", "first_token_s"):
             for who in ("qwenvl", "transformers"):
                 row[f"{who} {key}"] = best[c.size, who, key]

@@ -99,8 +99,10 @@ def test_vision_tower_matches_transformers_and_its_slow_oracle(setup):
     with torch.inference_mode():
         expected = torch.cat(ref.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
         fast = engine.model.vision_features(vis)
+        padded = engine.model.vision_features(vis, attention="padded")  # torch's SDPA, no native kernels
         slow = engine.model.vision_features(vis, attention="loop")
     torch.testing.assert_close(fast, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(padded, expected, atol=1e-4, rtol=0)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
 
 

@@ -64,16 +64,22 @@ class Segments:
     key_mask: (S, 1, 1, Lmax) bool, True where the slot holds a real token; None when all segments are full.
     scatter: (N,) long, the padded flat slot each token's output comes from (S*Lmax space).
     cu_seqlens: (S+1,) the boundaries, kept for the slow per-segment oracle.
+    cu: (S+1,) int32, the same boundaries as a tensor, for variable-length attention (no padding).
     """
 
     gather: torch.Tensor
     key_mask: torch.Tensor | None
     scatter: torch.Tensor
     cu_seqlens: tuple[int, ...]
+    cu: torch.Tensor
+
+    @property
+    def max_len(self) -> int:
+        return self.gather.shape[1]
 
     def to(self, device: torch.device | str) -> Segments:
         mask = None if self.key_mask is None else self.key_mask.to(device)
-        return Segments(self.gather.to(device), mask, self.scatter.to(device), self.cu_seqlens)
+        return Segments(self.gather.to(device), mask, self.scatter.to(device), self.cu_seqlens, self.cu.to(device))
 
 
 def make_segments(cu_seqlens: Sequence[int]) -> Segments:
@@ -89,7 +95,7 @@ def make_segments(cu_seqlens: Sequence[int]) -> Segments:
     scatter = (torch.arange(len(lengths))[:, None] * lmax + slot[None, :])[valid]
     key_mask = None if all(length == lmax for length in lengths) else valid[:, None, None, :]
     bounds = (0, *torch.tensor(lengths).cumsum(0).tolist())
-    return Segments(gather, key_mask, scatter, tuple(bounds))
+    return Segments(gather, key_mask, scatter, tuple(bounds), torch.tensor(bounds, dtype=torch.int32))
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
 """The Qwen2.5-VL vision tower: patch embedding, RMSNorm/SwiGLU blocks with 2D rotary window attention,
 and the 2x2 patch merger to the decoder width.
 
-Fast path: every window of a block (or every frame of a full-attention block) goes through ONE batched
-attention call over padded segments; on CPUs with the native kernels (model/native) the rotary embedding
+Fast path (`attention="batched"`): every window of a block (or every frame of a full-attention block) goes
+through ONE attention call. On a GPU in bfloat16/float16 that is variable-length flash attention over the
+segments as they lie (torch's varlen_attn, no padding); elsewhere one SDPA call over padded segments
+(`attention="padded"` forces it), and on CPUs with the native kernels (model/native) the rotary embedding
 and the gather into segments are one pass. Slow oracle: `attention="loop"` attends segment by segment, as
-the reference implementation does; tests hold the two equal.
+the reference implementation does; tests hold them equal.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from torch import nn
 from qwenvl_cli.config import VisionConfig
 from qwenvl_cli.model import native
 from qwenvl_cli.model.rope import Segments, VisionLayout, rotate_half
+
+ATTENTION = ("batched", "padded", "loop")
 
 
 class RMSNorm(nn.Module):
@@ -90,19 +94,52 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
 
     def forward(
-        self, x: torch.Tensor, segments: Segments, cos: torch.Tensor, sin: torch.Tensor, loop: bool = False
+        self, x: torch.Tensor, segments: Segments, cos: torch.Tensor, sin: torch.Tensor, attention: str = "batched"
     ) -> torch.Tensor:  # x (N, D)
         n = x.shape[0]
         qkv = self.qkv(x)  # (N, 3 * H * hd)
-        kernels = native.kernels() if x.device.type == "cpu" and not loop else None
+        kernels = native.kernels() if x.device.type == "cpu" and attention == "batched" else None
         if kernels is not None and qkv.dtype in (torch.float32, torch.bfloat16):
             out = _segment_attention_native(kernels, qkv, segments, cos, sin, self.num_heads, self.head_dim)
-        else:
-            q, k, v = qkv.view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each (N, H, hd)
-            q = apply_vision_rotary(q, cos, sin)
-            k = apply_vision_rotary(k, cos, sin)
-            out = _segment_attention_loop(q, k, v, segments) if loop else _segment_attention(q, k, v, segments)
+            return self.proj(out.reshape(n, -1))
+        q, k, v = qkv.view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each (N, H, hd)
+        q = apply_vision_rotary(q, cos, sin)
+        k = apply_vision_rotary(k, cos, sin)
+        out = None
+        if attention == "loop":
+            out = _segment_attention_loop(q, k, v, segments)
+        elif attention == "batched" and _varlen_applies(q):
+            out = _segment_attention_varlen(q, k, v, segments)
+        if out is None:
+            out = _segment_attention(q, k, v, segments)
         return self.proj(out.reshape(n, -1))
+
+
+# Why variable-length attention stopped serving in this process ("" while it serves): the first call that
+# raises (flash attention not built for this GPU, say) turns it off, and the padded call serves instead.
+varlen_off = ""
+
+
+def _varlen_applies(q: torch.Tensor) -> bool:
+    return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and not varlen_off
+
+
+def _varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k):  # torch's, imported on first use (the tests swap it)
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k)
+
+
+def _segment_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments) -> torch.Tensor | None:
+    """Every segment in one variable-length flash-attention call on the rows as they lie (segments are
+    consecutive rows): no gather, no padding, no mask. q, k, v # (N, H, hd) -> (N, H, hd), or None (and
+    varlen_off set) where torch cannot run it here."""
+    global varlen_off
+    try:
+        return _varlen_attn(q, k, v.contiguous(), seg.cu, seg.cu, seg.max_len, seg.max_len)
+    except (RuntimeError, ImportError, NotImplementedError) as exc:
+        varlen_off = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        return None
 
 
 def _segment_attention_native(kernels, qkv: torch.Tensor, seg: Segments, cos: torch.Tensor, sin: torch.Tensor,
@@ -151,8 +188,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=True)
 
-    def forward(self, x, segments, cos, sin, loop=False):
-        x = x + self.attn(self.norm1(x), segments, cos, sin, loop)
+    def forward(self, x, segments, cos, sin, attention="batched"):
+        x = x + self.attn(self.norm1(x), segments, cos, sin, attention)
         return x + self.mlp(self.norm2(x))
 
 
@@ -178,13 +215,14 @@ class VisionTransformer(nn.Module):
     def forward(self, patches: torch.Tensor, layout: VisionLayout, attention: str = "batched") -> torch.Tensor:
         """patches # (N, C*t*p*p) in processor order -> merged features # (N / merge_unit, out_hidden),
         in the processor's merged-token order (the order of the pad tokens)."""
+        if attention not in ATTENTION:
+            raise ValueError(f"vision attention {attention!r}: choose one of {', '.join(ATTENTION)}")
         unit = self.cfg.merge_unit
         x = self.patch_embed(patches)
         n = x.shape[0]
         x = x.view(n // unit, unit, -1)[layout.window_index].reshape(n, -1)
-        loop = attention == "loop"
         full = set(self.cfg.fullatt_block_indexes)
         for i, block in enumerate(self.blocks):
             segments = layout.frames if i in full else layout.windows
-            x = block(x, segments, layout.cos, layout.sin, loop)
+            x = block(x, segments, layout.cos, layout.sin, attention)
         return self.merger(x)[layout.reverse_index]
