@@ -6,9 +6,10 @@
 #   bash benchmarks/gpu.sh            # ~4-6 min on one H100/H200-class GPU (estimated: not yet run on one)
 set -euo pipefail
 OUT=${OUT:-gpu-results}
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}  # the lent H200s: python3 is the one holding CUDA torch (2.11) and transformers (5.17)
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # qwenvl_cli from this tree, installed or not
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
   "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \

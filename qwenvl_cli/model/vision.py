@@ -137,7 +137,7 @@ def _segment_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     global varlen_off
     try:
         return _varlen_attn(q, k, v.contiguous(), seg.cu, seg.cu, seg.max_len, seg.max_len)
-    except (RuntimeError, ImportError, NotImplementedError) as exc:
+    except (RuntimeError, ImportError, NotImplementedError, TypeError) as exc:  # TypeError: an older signature
         varlen_off = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         return None
 
