@@ -296,9 +296,6 @@ class Generator:
         _check_length(m, prompt)
         n_new = min(params.max_new_tokens, m.config.text.max_position_embeddings - prompt.length)
         cache = self._cache(prompt.length + n_new)
-        bound = self._bind(cache, prompt.length)
-        if bound is not None:
-            bound.begin(prompt.length)
         # Every decode position is known up front: text after the prompt, index + rope_delta on all axes.
         decode_pos = torch.arange(prompt.length, prompt.length + n_new, device=device) + prompt.rope_delta
         cos_all, sin_all = m.decode_tables(decode_pos)  # (1, n_new, hd)
@@ -334,6 +331,10 @@ class Generator:
                     seen.add(token_id)
                     seen_ids = torch.cat([seen_ids, token])
                 index = prompt.length + i
+                if i == 0:  # bound (a CUDA graph captured) after the first token is out, not before it
+                    bound = self._bind(cache, index)
+                    if bound is not None:
+                        bound.begin(index)
                 logits = self.decode_step(token[:, None], index, cos_all[:, i : i + 1], sin_all[:, i : i + 1], cache)
         finally:  # a bound step holds its cache: on the CPU both go with the answer
             if not self._graph_bound:
