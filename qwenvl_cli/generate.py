@@ -194,16 +194,20 @@ STEPS = ("auto", "native", "graph", "static", "modules")
 class Generator:
     """Cached generation for one model: prefill once, then one decode step per token."""
 
-    def __init__(self, model: Qwen2_5_VL, step: str = "auto") -> None:
+    def __init__(self, model: Qwen2_5_VL, step: str = "auto", overlap: bool | None = None) -> None:
         """step: what runs the decode steps. "native" the bound native kernels (model/native_step.py, CPU),
         "graph" the static step captured in one CUDA graph (model/graph_step.py, CUDA), "static" that step
         run eagerly (the graph's body, testable on CPU), "modules" TextModel.decode (the oracle of them
         all); "auto" is native on CPU and graph on CUDA. Where the chosen one does not apply (a batch,
-        kernels missing, a capture that fails) the modules serve, and `decode_path` says so."""
+        kernels missing, a capture that fails) the modules serve, and `decode_path` says so.
+        overlap (default: on CUDA, where steps run asynchronously): queue each decode step before the
+        caller gets the token it follows from, so that the device computes while the caller streams;
+        on a CPU, where a step runs on the calling thread, that would only hold every token back."""
         if step not in STEPS:
             raise ValueError(f"decode step {step!r}: choose one of {', '.join(STEPS)}")
         self.model = model
         self.step_kind = step
+        self.overlap = overlap
         self.decode_path = ""  # what ran the last bound cache's decode steps, and why (for --verbose)
         self._no_graph = ""  # why a capture failed: the modules serve from then on
         # The step bound to the current cache. On CUDA both outlive the answer: the next answer that fits
@@ -296,6 +300,7 @@ class Generator:
         _check_length(m, prompt)
         n_new = min(params.max_new_tokens, m.config.text.max_position_embeddings - prompt.length)
         cache = self._cache(prompt.length + n_new)
+        overlap = self.overlap if self.overlap is not None else device.type == "cuda"
         # Every decode position is known up front: text after the prompt, index + rope_delta on all axes.
         decode_pos = torch.arange(prompt.length, prompt.length + n_new, device=device) + prompt.rope_delta
         cos_all, sin_all = m.decode_tables(decode_pos)  # (1, n_new, hd)
@@ -326,7 +331,11 @@ class Generator:
                 if i == n_new - 1:
                     yield Step(token_id, "length")
                     return
-                yield Step(token_id)
+                # Overlapped (on a GPU), the next step is queued before the caller gets this token, so the
+                # GPU computes while the caller prints it; the first token goes out first all the same.
+                ahead = overlap and i > 0
+                if not ahead:
+                    yield Step(token_id)
                 if token_id not in seen:
                     seen.add(token_id)
                     seen_ids = torch.cat([seen_ids, token])
@@ -336,6 +345,8 @@ class Generator:
                     if bound is not None:
                         bound.begin(index)
                 logits = self.decode_step(token[:, None], index, cos_all[:, i : i + 1], sin_all[:, i : i + 1], cache)
+                if ahead:
+                    yield Step(token_id)
         finally:  # a bound step holds its cache: on the CPU both go with the answer
             if not self._graph_bound:
                 self._bound = None

@@ -148,3 +148,21 @@ def test_generator_says_which_step_served(make_ckpt):
         gen = Generator(model, step=step)
         assert list(gen.stream(prompt, params)) == want
         assert gen.decode_path == path
+
+
+def test_overlapped_steps_answer_the_same_and_stop_cleanly(make_ckpt):
+    """overlap=True (the GPU default: each step queued before its token is handed out) on the CPU: the same
+    steps as without, greedy, sampled and constrained to stop early; a caller that stops reading after a
+    few tokens leaves the generator ready for the next answer."""
+    model = load_model(open_checkpoint(make_ckpt()), "cpu", torch.float32)
+    prompt = model.make_prompt(PROMPT)
+    plain, ahead = Generator(model), Generator(model, overlap=True)
+    for params in (SamplingParams(max_new_tokens=10), SamplingParams(max_new_tokens=1),
+                   SamplingParams(max_new_tokens=10, do_sample=True, temperature=0.9, repetition_penalty=1.2, seed=5),
+                   SamplingParams(max_new_tokens=10, eos_token_ids=(reference_generate(model, prompt, SamplingParams(max_new_tokens=4))[2].token_id,))):
+        assert list(ahead.stream(prompt, params)) == list(plain.stream(prompt, params)) == reference_generate(model, prompt, params)
+    steps = ahead.stream(prompt, SamplingParams(max_new_tokens=10))
+    first = [next(steps) for _ in range(3)]
+    steps.close()
+    assert first == reference_generate(model, prompt, SamplingParams(max_new_tokens=10))[:3]
+    assert ahead._bound is None  # the CPU's bound step went with the answer
