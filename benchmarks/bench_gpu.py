@@ -1,13 +1,14 @@
 """qwenvl against transformers on a GPU, on the same random weights built on the device (no checkpoint on
 disk, no weight copied: qwenvl's parameters are transformers' tensors).
 
-Prints, and writes as JSON to --out, per test image the vision tower seconds and the time to the first
-token (vision + prefill + the first pick), and on the first image's prompt the decode tokens/s timed inside
-one answer (benchmarks/timing.py); qwenvl's vision tower also with its padded attention call (the default
-on CUDA in half precision is variable-length flash attention), and the two's largest difference: qwenvl's as it runs (on CUDA one captured graph a step), qwenvl's
-eager module step, transformers'; the decode as a share of the device's streaming-read bandwidth (weight
-bytes a step reads / step time), the ratios (> 1: qwenvl faster), best of --rounds alternating passes,
-how many greedy tokens the graph and the eager step agree on, and peak memory.
+Prints, and writes as JSON to --out, per test image the vision tower seconds (qwenvl's also with its padded
+attention call: on CUDA in half precision its default is variable-length flash attention) and the time to
+the first token (vision + prefill + the first pick); on the first image's prompt the decode tokens/s timed
+inside one answer (benchmarks/timing.py) of qwenvl's step as it runs (on CUDA one captured graph a step),
+qwenvl's eager module step and transformers', and the decode as a share of the device's streaming-read
+bandwidth (weight bytes a step reads / step time). Also the ratios (> 1: qwenvl faster), best of --rounds
+alternating passes; how many greedy tokens the graph and the eager step agree on; the largest difference
+between the varlen and the padded vision features; and peak memory.
 
     python benchmarks/bench_gpu.py --preset 3b --out $OUT/gpu.json          # what benchmarks/gpu.sh runs
     python benchmarks/bench_gpu.py --preset tiny --device cpu --rounds 1 --new-tokens 32  # smoke test without a GPU
@@ -98,16 +99,13 @@ class Case:
                        mm_token_type_ids=(input_ids == 151655).int(), attention_mask=torch.ones_like(input_ids))
         self.prompt = ours.make_prompt(ids, vis)
 
-    def ours_vision(self) -> None:
-        self.ours.vision_features(self.vis)
-
-    def ours_vision_padded(self) -> None:
-        self.ours.vision_features(self.vis, attention="padded")
+    def ours_vision(self, attention: str = "batched") -> torch.Tensor:
+        return self.ours.vision_features(self.vis, attention)
 
     def vision_diff(self) -> float:
-        """Max |varlen - padded| of qwenvl's vision features (on CUDA in half precision the default is
+        """Max |default - padded| of qwenvl's vision features (on CUDA in half precision the default is
         variable-length flash attention; padded is one SDPA call over padded segments)."""
-        return (self.ours.vision_features(self.vis) - self.ours.vision_features(self.vis, attention="padded")).abs().max().item()
+        return (self.ours_vision() - self.ours_vision("padded")).abs().max().item()
 
     def ref_vision(self) -> None:
         self.ref.model.get_image_features(self.pv.to(self.dtype), self.thw)
@@ -180,7 +178,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for c in cases:
                 keep((c.size, "qwenvl", "vision_s"), timed(c.ours_vision))
-                keep((c.size, "qwenvl padded", "vision_s"), timed(c.ours_vision_padded))
+                keep((c.size, "qwenvl padded", "vision_s"), timed(c.ours_vision, "padded"))
                 keep((c.size, "transformers", "vision_s"), timed(c.ref_vision))
                 for who, run in runs.items():
                     if c is decode:

@@ -258,13 +258,15 @@ class Generator:
         if kind == "native":
             step = NativeStep.build(self.model, cache)
             why = "native kernels" if step is not None else "modules (the native kernels do not take this model)"
-        elif kind in ("graph", "static") and cache.k.shape[1] != 1:
-            why = f"modules (a static step takes batch 1, not {cache.k.shape[1]})"
-        elif kind == "static":
-            step, why = StaticStep(self.model, cache, first_slot), "a static step, eager"
-        elif kind == "graph":
+        elif kind in ("graph", "static"):
             try:
-                step, why = GraphStep.capture(StaticStep(self.model, cache, first_slot), first_slot), "one CUDA graph"
+                static = StaticStep(self.model, cache, first_slot)
+                if kind == "static":
+                    step, why = static, "a static step, eager"
+                else:
+                    step, why = GraphStep.capture(static, first_slot), "one CUDA graph"
+            except ValueError as exc:  # a batch: the static step takes one answer
+                why = f"modules ({exc})"
             except RuntimeError as exc:  # no CUDA, or a kernel that syncs or allocates on the host in capture
                 why = f"modules (CUDA graph capture failed: {str(exc).splitlines()[0][:200]})"
                 self._no_graph = why  # not tried again for this model
